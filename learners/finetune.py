@@ -1,0 +1,39 @@
+"""The non-meta-learning baselines of the MAML paper: transfer (pre-train, then fine-tune) and scratch.
+
+Transfer pre-trains one model on the pooled data of all tasks (each task's
+support and query points at θ, no adaptation), then fine-tunes it with SGD on
+a new task's support set at test time. Scratch never pre-trains: the same
+fine-tuning starts from the initialization, i.e. training on the support set
+only. Evaluation and fine-tuning are MAML's (all parameters, SGD).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import grad
+
+from learners.maml import MAML, query_stats
+from learners.params import Params
+
+
+@dataclass
+class Transfer(MAML):
+    first_order: bool = True
+    name: str = "transfer"
+
+    def task_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
+        x, y = torch.cat([sx, qx]), torch.cat([sy, qy])
+        grads = grad(lambda p: self.objective.loss(self.predict(p, x), y))(params)
+        with torch.no_grad():
+            pred = self.predict(params, qx)
+        # No adaptation happens while pre-training, so only the "before" statistics exist.
+        stats = query_stats(self.objective, pred, pred, qy)
+        return grads, {k: v for k, v in stats.items() if k.endswith("_before")}
+
+
+@dataclass
+class Scratch(Transfer):
+    name: str = "scratch"
+    trains: bool = False

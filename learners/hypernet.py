@@ -1,0 +1,92 @@
+"""A black-box hypernetwork learner: a DeepSet reads the support set and writes the task model's weights.
+
+    h_i = enc([x_i, y_i])         per support pair
+    w   = base + dec(mean_i h_i)  all weights of the task model, e.g. the 1-40-40-1 sine MLP
+
+The meta-parameters are the hypernetwork's (encoder, decoder, ``base``); the
+meta-gradient of a task is the gradient of its query loss through the generated
+weights. Mean pooling makes the output invariant to the order of the support
+set and defined for any number of shots. At test time the generated weights can
+additionally be fine-tuned with SGD on the support set (``evaluate`` steps > 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+
+from learners.inner_loop import adaptation_curve
+from learners.maml import query_stats
+from learners.objective import Objective
+from learners.params import ParamSpec, Params, init_params
+from learners.strategy import Strategy, Summed, map_over_tasks, sum_over_tasks
+from tasks.episode import EpisodeBatch
+
+
+class DeepSet(nn.Module):
+    def __init__(self, in_features: int, width: int, out_features: int):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.dec = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, out_features))
+        self.base = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return self.base + self.dec(self.enc(pairs).mean(0))
+
+
+@dataclass
+class HyperNetwork:
+    target: nn.Module
+    objective: Objective
+    in_features: int
+    width: int = 64
+    strategy: Strategy = "vmap"
+    name: str = "hypernet"
+    trains: bool = True
+    _spec: ParamSpec = field(init=False)
+    _net: DeepSet = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._spec = ParamSpec.of(init_params(self.target, 0))
+        with torch.device("meta"):  # structure only: parameters come from init_params
+            self._net = DeepSet(self.in_features, self.width, self._spec.numel)
+
+    def init_params(self, seed: int) -> Params:
+        params = init_params(self._net, seed)
+        # Start as a plain randomly initialized task model: base = a normal init, the decoder's last layer 0.
+        params["base"] = self._spec.flatten(init_params(self.target, seed + 1))
+        params["dec.2.weight"] = torch.zeros_like(params["dec.2.weight"])
+        params["dec.2.bias"] = torch.zeros_like(params["dec.2.bias"])
+        return params
+
+    def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.target, task_params, (x,))
+
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+        pairs = torch.cat([support_x.reshape(len(support_x), -1), support_y.reshape(len(support_y), -1)], dim=1)
+        return self._spec.unflatten(functional_call(self._net, params, (pairs,)))
+
+    def task_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
+        def query_loss(p: Params):
+            pred = self.predict(self.adapt(p, sx, sy), qx)
+            return self.objective.loss(pred, qy), pred
+
+        grads, pred_after = grad(query_loss, has_aux=True)(params)
+        with torch.no_grad():
+            pred_before = self.predict(self._spec.unflatten(params["base"]), qx)
+        return grads, query_stats(self.objective, pred_before, pred_after, qy)
+
+    def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
+        return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
+
+    def evaluate(self, params: Params, batch: EpisodeBatch, steps: int, lr: float) -> dict[str, torch.Tensor]:
+        keys = self._spec.names
+
+        def curve(p, sx, sy, qx, qy):
+            start = {k: v.detach() for k, v in self.adapt(p, sx, sy).items()}
+            return adaptation_curve(self.predict, self.objective, start, keys, (sx, sy), (qx, qy), steps, lr)
+
+        return map_over_tasks(curve, params, batch, self.strategy)

@@ -1,0 +1,86 @@
+"""MAML (Finn et al. 2017) with its first-order (FOMAML) and head-only (ANIL, Raghu et al. 2020) variants.
+
+One class: first order is a flag, ANIL is the set of parameters the inner loop
+touches (``inner_keys`` = the head). The meta-gradient of a task is
+d/dθ L_query(adapt(θ, support)), differentiated straight through the inner SGD
+steps with ``torch.func.grad`` (second order), or with the inner gradients
+detached (first order: the query gradient at the adapted point).
+
+>>> from learners.mlp import MLP
+>>> from learners.objective import MSE
+>>> maml = MAML(MLP(1, [40, 40], 1), MSE(), inner_steps=1, inner_lr=0.01)
+>>> theta = maml.init_params(seed=0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+
+from learners.inner_loop import adaptation_curve, sgd
+from learners.objective import Objective
+from learners.params import Params, init_params
+from learners.strategy import Strategy, Summed, map_over_tasks, sum_over_tasks
+from tasks.episode import EpisodeBatch
+
+
+@dataclass
+class MAML:
+    model: nn.Module
+    objective: Objective
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    first_order: bool = False
+    inner_keys: tuple[str, ...] | None = None  # None: every parameter (MAML); the head: ANIL
+    strategy: Strategy = "vmap"
+    name: str = "maml"
+    trains: bool = True
+
+    def init_params(self, seed: int) -> Params:
+        return init_params(self.model, seed)
+
+    def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, task_params, (x,))
+
+    def _keys(self, params: Params) -> tuple[str, ...]:
+        return tuple(params) if self.inner_keys is None else self.inner_keys
+
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+        return sgd(self.predict, self.objective, params, self._keys(params), support_x, support_y,
+                   self.inner_steps, self.inner_lr, self.first_order)
+
+    def task_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
+        def query_loss(p: Params):
+            fast = self.adapt(p, sx, sy)
+            pred = self.predict(fast, qx)
+            return self.objective.loss(pred, qy), pred
+
+        grads, pred_after = grad(query_loss, has_aux=True)(params)
+        with torch.no_grad():
+            pred_before = self.predict(params, qx)
+        return grads, query_stats(self.objective, pred_before, pred_after, qy)
+
+    def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
+        return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
+
+    def evaluate(self, params: Params, batch: EpisodeBatch, steps: int, lr: float) -> dict[str, torch.Tensor]:
+        keys = self._keys(params)
+
+        def curve(p, sx, sy, qx, qy):
+            return adaptation_curve(self.predict, self.objective, p, keys, (sx, sy), (qx, qy), steps, lr)
+
+        return map_over_tasks(curve, params, batch, self.strategy)
+
+
+def query_stats(objective: Objective, pred_before: torch.Tensor, pred_after: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Query loss (and metrics) of one task before and after adaptation, detached."""
+    pred_before, pred_after = pred_before.detach(), pred_after.detach()
+    out = {"loss_before": objective.loss(pred_before, y), "loss_after": objective.loss(pred_after, y)}
+    for k, v in objective.metrics(pred_before, y).items():
+        out[f"{k}_before"] = v
+    for k, v in objective.metrics(pred_after, y).items():
+        out[f"{k}_after"] = v
+    return out

@@ -1,0 +1,1 @@
+"""The run: config, central learner, worker actors, checkpoints, tracking and the CLI."""

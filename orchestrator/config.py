@@ -1,0 +1,316 @@
+"""The run configuration: one typed, frozen tree read from YAML, with ``--set key.sub=value`` overrides.
+
+Unknown keys and bad values are rejected, and every error is reported at once
+on one line that names each key (``ConfigError``). Example::
+
+    cfg = load_config("configs/sine-maml.yaml", ["outer.steps=1000", "workers.num_workers=2"])
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message is one line naming every bad key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Range = tuple[float, float]
+
+
+class SineTaskConfig(Strict):
+    """Sine regression (MAML paper): y = A sin(x - phase)."""
+
+    family: Literal["sine"] = "sine"
+    k_shot: PositiveInt = 10
+    """Support points per task."""
+    query: PositiveInt = 10
+    """Query points per task."""
+    points_per_task: PositiveInt = 50
+    """Size of one task's dataset; k_shot + query must fit in it."""
+    amplitude: Range = (0.1, 5.0)
+    phase: Range = (0.0, math.pi)
+    x_range: Range = (-5.0, 5.0)
+    support_x_range: Range | None = None
+    """Where support x is drawn (default: x_range); (0, 5) is the MAML paper's robustness probe."""
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SineTaskConfig":
+        if self.k_shot + self.query > self.points_per_task:
+            raise _KeyError(
+                "k_shot",
+                f"k_shot + query = {self.k_shot + self.query} is more than the {self.points_per_task} points a task "
+                "has (points_per_task); lower k_shot or query, or raise points_per_task",
+            )
+        return self
+
+
+def _family(value: Any) -> Any:
+    # A task section without ``family`` is a sine task, the default family.
+    return value.get("family", "sine") if isinstance(value, dict) else getattr(value, "family", None)
+
+
+_TASK_CONFIGS = (SineTaskConfig,)
+TASK_FAMILIES = tuple(m.model_fields["family"].default for m in _TASK_CONFIGS)
+TaskConfig = Annotated[
+    Union[tuple(Annotated[m, Tag(m.model_fields["family"].default)] for m in _TASK_CONFIGS)],  # noqa: UP007
+    Discriminator(_family),
+]
+
+
+class ModelConfig(Strict):
+    backbone: Literal["mlp"] = "mlp"
+    hidden: list[PositiveInt] = [40, 40]
+    """Hidden layer widths of the MLP (the MAML sine regressor is [40, 40])."""
+
+
+ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "hypernet", "transfer", "scratch")
+
+
+class AlgorithmConfig(Strict):
+    name: Literal["maml", "fomaml", "anil", "reptile", "hypernet", "transfer", "scratch"] = "maml"
+    inner_steps: NonNegativeInt = 1
+    """SGD steps on the support set in the inner loop."""
+    inner_lr: PositiveFloat = 0.01
+    first_order: bool = False
+    """Detach inner gradients (implied by fomaml and reptile)."""
+    strategy: Literal["auto", "vmap", "loop"] = "auto"
+    """Per-task execution; auto picks the measured faster one for the model."""
+    hyper_width: PositiveInt = 64
+    """Width of the hypernetwork's DeepSet (hypernet only)."""
+
+
+class OuterConfig(Strict):
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: PositiveFloat = 1e-3
+    meta_batch_size: PositiveInt = 25
+    """Tasks per meta-step."""
+    steps: NonNegativeInt = 20000
+    """Meta-steps in total (a resumed run continues up to this)."""
+
+
+class FaultInjection(Strict):
+    """Make one worker fail on purpose (tests, drills): at ``step`` the worker with index ``worker`` exits."""
+
+    worker: NonNegativeInt
+    step: NonNegativeInt
+    action: Literal["exit"] = "exit"
+
+
+class WorkersConfig(Strict):
+    mode: Literal["ray", "inprocess"] = "ray"
+    """ray: TaskWorker actors; inprocess: the same code in this process (debugging, reference)."""
+    num_workers: PositiveInt = 2
+    num_cpus: PositiveFloat = 1.0
+    """CPUs reserved per worker actor."""
+    num_gpus: NonNegativeFloat = 0.0
+    """GPUs per worker actor; fractions let several workers share one GPU."""
+    address: str | None = None
+    """Ray cluster address; None starts Ray embedded on this machine."""
+    max_restarts: int = Field(-1, ge=-1)
+    """Restarts per actor (-1: unlimited)."""
+    fault_injection: FaultInjection | None = None
+
+
+class EvalConfig(Strict):
+    tasks: PositiveInt = 600
+    """Held-out tasks, fixed by ``seed`` so every run is scored on the same ones."""
+    seed: NonNegativeInt = 2024
+    steps: list[NonNegativeInt] = [0, 1, 10]
+    """Report query loss after these numbers of adaptation steps."""
+    inner_lr: PositiveFloat | None = None
+    """Adaptation step size at test time (default: algorithm.inner_lr)."""
+    probes: dict[str, dict[str, Any]] = {}
+    """Extra evaluations on task variants, as overrides of ``task`` (e.g. support_x_range: [0, 5])."""
+    batch_tasks: PositiveInt = 100
+    """Episodes per worker call during evaluation."""
+
+
+class RunConfig(Strict):
+    name: str = Field("sine-maml", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: NonNegativeInt = 0
+    dir: str = "runs"
+    """Checkpoints go to <dir>/<name>/."""
+    checkpoint_every: PositiveInt = 1000
+    log_every: PositiveInt = 100
+
+
+class Config(Strict):
+    run: RunConfig = RunConfig()
+    task: TaskConfig = SineTaskConfig()
+    model: ModelConfig = ModelConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    outer: OuterConfig = OuterConfig()
+    workers: WorkersConfig = WorkersConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        errors: list[str] = []
+        if self.algorithm.name == "scratch" and self.outer.steps:
+            errors.append("outer.steps: scratch trains nothing before fine-tuning; set outer.steps: 0")
+        for name, overrides in self.eval.probes.items():
+            try:
+                type(self.task).model_validate({**self.task.model_dump(), **overrides})
+            except ValidationError as e:
+                errors.append(_format(e, prefix=("eval", "probes", name), model=type(self.task)))
+        if errors:
+            raise _KeyError(None, "; ".join(errors))
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    def probe_task(self, name: str) -> TaskConfig:
+        return type(self.task).model_validate({**self.task.model_dump(), **self.eval.probes[name]})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as ``{"outer.lr": 0.001, ...}`` (MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+class _KeyError(ValueError):
+    """Raised inside validators: pydantic reports it at the validator's location; ``key`` refines it."""
+
+    def __init__(self, key: str | None, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (run, task, model, ...), got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format(e, (), Config)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    data: Any = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    data = apply_overrides(data if data is not None else {}, overrides)
+    return parse_config(data, source)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["outer.lr=0.01", "task.support_x_range=[0, 5]"]`` -> a new nested dict; values are parsed as YAML."""
+    if not isinstance(data, dict):
+        return data
+    out = _deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. --set outer.lr=0.01")
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {p} is a value, not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return out
+
+
+def _deepcopy(d: Any) -> Any:
+    return {k: _deepcopy(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Field names of the config section at ``loc`` (skipping union tags), for 'unknown key' messages."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            continue  # a discriminator tag such as 'sine' in ('task', 'sine', 'k_shot')
+        current = _model_in(field.annotation)
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format(error: ValidationError, prefix: tuple, model: type[BaseModel]) -> str:
+    parts: list[str] = []
+    families = set(TASK_FAMILIES)
+    for e in error.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        # Drop the union tag pydantic inserts after 'task' ('task', 'sine', 'k_shot'): users never write it.
+        key_loc = tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "task" and p in families))
+        ctx_error = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _KeyError):
+            if ctx_error.key:
+                key_loc = key_loc + (ctx_error.key,)
+            message = str(ctx_error)
+        elif e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            message = "unknown key" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
+        elif e["type"] == "union_tag_invalid":
+            key_loc = key_loc + ("family",)
+            message = f"unknown task family {e['ctx']['tag']!r} (allowed: {', '.join(TASK_FAMILIES)})"
+        elif e["type"] == "literal_error":
+            message = f"{e['msg'].replace('Input should be', 'must be')}, got {e['input']!r}"
+        else:
+            message = f"{e['msg']}, got {e['input']!r}"
+        key = ".".join(prefix + key_loc)
+        parts.append(f"{key}: {message}" if key else message)
+    return "; ".join(parts)

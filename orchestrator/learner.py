@@ -1,0 +1,84 @@
+"""The central learner: holds θ and the outer optimizer, and runs synchronous meta-steps over a worker group.
+
+One meta-step: θ goes out once (flat float32), the step's episode ids are split
+into contiguous shares, each worker returns the summed meta-gradient of its
+share, ``aggregate`` sums them in share order and divides by the number of kept
+tasks, and the optimizer steps. Synchronous and exact: the result equals an
+in-process computation of the same meta-batch (bit-identical for the same
+worker count and seed).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from learners.params import ParamSpec, Params
+from orchestrator.config import Config, OuterConfig
+from orchestrator.group import LocalGroup, WorkerGroup
+from orchestrator.messages import aggregate
+from tasks.episode import EpisodeIds
+
+
+def make_optimizer(outer: OuterConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if outer.optimizer == "adam":
+        return torch.optim.Adam(params, lr=outer.lr)
+    return torch.optim.SGD(params, lr=outer.lr)
+
+
+class CentralLearner:
+    def __init__(self, cfg: Config, params: Params, group: LocalGroup | WorkerGroup,
+                 optimizer_state: dict[str, Any] | None = None, step: int = 0, skipped_steps: int = 0):
+        self.cfg = cfg
+        self.group = group
+        self.spec = ParamSpec.of(params)
+        self.params = {k: v.detach().clone().to(torch.float32) for k, v in params.items()}
+        self.optimizer = make_optimizer(cfg.outer, list(self.params.values()))
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.step = step
+        self.skipped_steps = skipped_steps
+
+    def theta(self) -> np.ndarray:
+        """θ as the flat float32 vector workers receive."""
+        return self.spec.flatten(self.params).numpy().astype(np.float32, copy=True)
+
+    def meta_step(self) -> dict[str, float]:
+        """Run meta-step ``self.step`` and return its metrics (namespaced for tracking)."""
+        start = time.perf_counter()
+        ids = EpisodeIds(self.cfg.run.seed, self.step, tuple(range(self.cfg.outer.meta_batch_size)))
+        results = self.group.map("meta_gradient", self.theta(), ids.split(self.group.size))
+        agg = aggregate(results)
+        opt_start = time.perf_counter()
+        if agg.grad is None:
+            self.skipped_steps += 1  # every task diverged: nothing trustworthy to step on
+        else:
+            grads = self.spec.unflatten(torch.from_numpy(agg.grad))
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.grad = grads[name].clone()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        end = time.perf_counter()
+        self.step += 1
+
+        timing = self.group.timing
+        metrics = {f"inner/{k}": v for k, v in agg.stats.items()}
+        if agg.stats:
+            metrics["meta/loss"] = agg.stats.get("loss_after", agg.stats.get("loss_before"))
+        step_s = end - start
+        metrics.update({
+            "perf/step_s": step_s,
+            "perf/tasks_per_s": self.cfg.outer.meta_batch_size / step_s,
+            "perf/compute_s": agg.compute_s,
+            "perf/put_s": timing.put_s,
+            "perf/dispatch_get_s": max(0.0, timing.wait_s - agg.compute_s),
+            "perf/optimizer_s": end - opt_start,
+            "orchestrator/faults": float(self.group.faults.count),
+            "orchestrator/dropped_tasks": float(agg.dropped),
+            "orchestrator/skipped_steps": float(self.skipped_steps),
+        })
+        return metrics

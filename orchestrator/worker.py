@@ -1,0 +1,70 @@
+"""TaskWorker: samples its share of episodes locally and returns their summed meta-gradient.
+
+The same class runs as a Ray actor (``WorkerGroup``) and in-process
+(``LocalGroup``), so both modes run one code path. A worker is built from the
+run config alone; an actor restart re-runs the constructor and the worker
+rebuilds itself, which is enough because episodes are seed-addressed and θ
+arrives with every call.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+
+from learners.params import ParamSpec
+from orchestrator.build import build_algorithm, build_tasks
+from orchestrator.config import Config, parse_config
+from orchestrator.messages import TaskResult
+from tasks.episode import EpisodeIds, TaskSource
+
+
+class TaskWorker:
+    def __init__(self, config: dict[str, Any], index: int, restarted: bool = False):
+        self.cfg: Config = parse_config(config)
+        self.index = index
+        self.incarnation = uuid.uuid4().hex
+        self.algorithm = build_algorithm(self.cfg)
+        self.spec = ParamSpec.of(self.algorithm.init_params(0))
+        self._sources: dict[str | None, TaskSource] = {None: build_tasks(self.cfg.task)}
+        self._restarted = restarted
+
+    def ready(self) -> str:
+        return self.incarnation
+
+    def meta_gradient(self, theta: np.ndarray, ids: EpisodeIds) -> TaskResult:
+        """Summed meta-gradient and statistics of the episodes ``ids`` at the flat parameters ``theta``."""
+        self._maybe_fail(ids)
+        start = time.perf_counter()
+        params = self._params(theta)
+        summed = self.algorithm.meta_gradient(params, self._source(None).sample(ids))
+        grad = self.spec.flatten(summed.grads).detach().numpy().astype(np.float32, copy=False)
+        return TaskResult(grad, summed.stats, summed.tasks, summed.dropped, time.perf_counter() - start,
+                          self.index, self.incarnation)
+
+    def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None) -> dict[str, np.ndarray]:
+        """Per-episode query loss (and metrics) after 0..``steps`` adaptation steps: ``[len(ids), steps + 1]``."""
+        batch = self._source(probe).sample(ids)
+        out = self.algorithm.evaluate(self._params(theta), batch, steps, lr)
+        return {k: v.detach().numpy() for k, v in out.items()}
+
+    def _params(self, theta: np.ndarray) -> dict[str, torch.Tensor]:
+        # Arrays from Ray's object store are read-only views; torch needs its own writable copy.
+        return self.spec.unflatten(torch.tensor(theta, dtype=torch.float32))
+
+    def _source(self, probe: str | None) -> TaskSource:
+        if probe not in self._sources:
+            self._sources[probe] = build_tasks(self.cfg.probe_task(probe))
+        return self._sources[probe]
+
+    def _maybe_fail(self, ids: EpisodeIds) -> None:
+        fault = self.cfg.workers.fault_injection
+        if fault is None or self._restarted or fault.worker != self.index or fault.step != ids.step:
+            return
+        if fault.action == "exit":
+            os._exit(1)  # the process dies mid-step, as a crashed or OOM-killed worker would

@@ -1,0 +1,74 @@
+"""Sine-wave regression tasks (Finn et al. 2017, section 5.1).
+
+A task is y = A sin(x - phase) with A ~ U[amplitude], phase ~ U[phase]; its
+support set is ``k_shot`` points with x ~ U[support_x_range] (default: the
+task's ``x_range``) and its query set is ``query`` points with x ~ U[x_range].
+Setting ``support_x_range=(0, 5)`` gives the robustness probe of the MAML paper:
+the model sees only half of the period at adaptation time and is scored on the
+whole of it.
+
+``points_per_task`` is the size of one task's dataset (torchmeta's
+``num_samples_per_task``); support and query together must fit in it.
+
+>>> src = SineTasks(k_shot=5, query=7)
+>>> b = src.sample(EpisodeIds(seed=0, step=0, indices=(0, 1, 2)))
+>>> tuple(b.support_x.shape), tuple(b.query_y.shape)
+((3, 5, 1), (3, 7, 1))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tasks.episode import EpisodeBatch, EpisodeIds, episode_rng
+
+
+@dataclass(frozen=True)
+class SineTasks:
+    k_shot: int = 10
+    query: int = 10
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    support_x_range: tuple[float, float] | None = None
+    points_per_task: int = 50
+
+    def __post_init__(self) -> None:
+        if self.k_shot < 1 or self.query < 1:
+            raise ValueError(f"k_shot and query must be >= 1, got k_shot={self.k_shot} query={self.query}")
+        if self.k_shot + self.query > self.points_per_task:
+            raise ValueError(
+                f"k_shot + query = {self.k_shot + self.query} points exceed the {self.points_per_task} "
+                "points a task has (points_per_task); lower k_shot/query or raise points_per_task"
+            )
+        for name in ("amplitude", "phase", "x_range", "support_x_range"):
+            lo_hi = getattr(self, name)
+            if lo_hi is not None and not lo_hi[0] <= lo_hi[1]:
+                raise ValueError(f"{name} must be [low, high] with low <= high, got {list(lo_hi)}")
+
+    def task_parameters(self, ids: EpisodeIds) -> np.ndarray:
+        """[T, 2] array of (amplitude, phase) per episode: the ground truth, e.g. for plots."""
+        return np.array([self._draw(ids, i)[0] for i in ids.indices], dtype=np.float64)
+
+    def sample(self, ids: EpisodeIds) -> EpisodeBatch:
+        drawn = [self._draw(ids, i) for i in ids.indices]
+        arrays = [np.stack(col) for col in zip(*(d[1] for d in drawn))]
+        sx, sy, qx, qy = (torch.from_numpy(a.astype(np.float32)[..., None]) for a in arrays)
+        return EpisodeBatch(sx, sy, qx, qy)
+
+    def _draw(self, ids: EpisodeIds, index: int) -> tuple[tuple[float, float], tuple[np.ndarray, ...]]:
+        rng = episode_rng(ids.seed, ids.step, index, ids.purpose)
+        amp = rng.uniform(*self.amplitude)
+        phase = rng.uniform(*self.phase)
+        sx = rng.uniform(*(self.support_x_range or self.x_range), size=self.k_shot)
+        qx = rng.uniform(*self.x_range, size=self.query)
+        return (amp, phase), (sx, amp * np.sin(sx - phase), qx, amp * np.sin(qx - phase))
+
+    @staticmethod
+    def curve(amp_phase: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Ground-truth y for one task's (amplitude, phase) at points x."""
+        return amp_phase[0] * np.sin(x - amp_phase[1])
