@@ -1,0 +1,44 @@
+"""Shared fixtures: one real local Ray for the session, tiny configs, a seeded generator."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from orchestrator.config import Config, parse_config
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real embedded Ray (token auth on, as by default), shared by the integration tests."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING,
+                 _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+def tiny_config(tmp_path, **sections) -> Config:
+    """A small, fast sine config rooted in tmp_path; ``sections`` override top-level sections."""
+    data = {
+        "run": {"name": "tiny", "dir": str(tmp_path / "runs"), "checkpoint_every": 2, "log_every": 1000},
+        "task": {"k_shot": 5, "query": 5},
+        "model": {"hidden": [16, 16]},
+        "algorithm": {"name": "maml", "inner_steps": 1, "inner_lr": 0.01},
+        "outer": {"meta_batch_size": 8, "steps": 5, "lr": 0.001},
+        "workers": {"mode": "inprocess", "num_workers": 2},
+        "eval": {"tasks": 20, "steps": [0, 1], "batch_tasks": 10},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return parse_config(data)

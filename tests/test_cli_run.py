@@ -1,0 +1,76 @@
+"""The real command: a tiny Ray training run end to end, and a hard kill followed by --resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+import yaml
+
+from orchestrator import checkpoint
+
+
+def write_config(tmp_path, steps, mode="inprocess", name="run"):
+    cfg = {
+        "run": {"name": name, "dir": str(tmp_path / "runs"), "checkpoint_every": 1, "log_every": 10},
+        "task": {"k_shot": 5, "query": 5},
+        "model": {"hidden": [16, 16]},
+        "algorithm": {"name": "maml"},
+        "outer": {"meta_batch_size": 8, "steps": steps},
+        "workers": {"mode": mode, "num_workers": 2},
+        "eval": {"tasks": 30, "steps": [0, 1, 5], "probes": {"half": {"support_x_range": [0, 5]}}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metaray(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_train_on_ray_prints_results_and_writes_checkpoint(tmp_path):
+    path = write_config(tmp_path, steps=20, mode="ray")
+    proc = metaray("train", str(path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step 20/20" in proc.stdout
+    for evaluation in ("test", "half"):
+        assert f"maml         {evaluation}" in proc.stdout
+    ck = checkpoint.load(tmp_path / "runs" / "run")
+    assert ck.step == 20
+    assert (tmp_path / "runs" / "run" / "eval.json").exists()
+    again = metaray("eval", str(tmp_path / "runs" / "run"), "--set", "workers.mode=inprocess")
+    assert again.returncode == 0, again.stderr[-2000:]
+    # Same held-out tasks, same θ: the same numbers as at the end of training.
+    assert [line for line in proc.stdout.splitlines() if "(n=30)" in line] == \
+           [line for line in again.stdout.splitlines() if "(n=30)" in line]
+
+
+def test_hard_kill_then_resume_ends_at_the_same_theta(tmp_path):
+    steps = 300  # long enough (seconds) that the kill lands mid-run on a fast machine too
+    whole = metaray("train", str(write_config(tmp_path, steps, name="whole")))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    path = write_config(tmp_path, steps, name="killed")
+    ckpt = tmp_path / "runs" / "killed" / "checkpoint.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.exists() and checkpoint.load(ckpt).step >= 5:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped_at = checkpoint.load(ckpt).step
+    assert 5 <= stopped_at < steps, "the run finished before it could be killed"
+
+    resumed = metaray("train", str(path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {tmp_path / 'runs' / 'killed'} at step {stopped_at}" in resumed.stdout
+    a = checkpoint.load(tmp_path / "runs" / "whole").params
+    b = checkpoint.load(ckpt).params
+    assert all(torch.equal(a[k], b[k]) for k in a)
