@@ -10,13 +10,16 @@ from typing import Protocol
 
 import torch
 
+from learners.objective import Objective
 from learners.params import Params
-from learners.strategy import Summed
+from learners.strategy import Strategy, Summed
 from tasks.episode import EpisodeBatch
 
 
 class Algorithm(Protocol):
     name: str
+    objective: Objective
+    strategy: Strategy
     #: False for baselines that never meta-train (training from scratch).
     trains: bool
 
@@ -28,14 +31,19 @@ class Algorithm(Protocol):
         """The inner loop on one task's support set: the task-specific parameters it produces."""
         ...
 
+    def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+        """The task model before any test-time gradient step (θ itself for MAML; generated weights for a
+        hypernetwork). ``learners.inner_loop.adaptation_curves`` fine-tunes it to score the algorithm."""
+        ...
+
+    def tunable(self, task_params: Params) -> tuple[str, ...]:
+        """The entries of the task model that adaptation steps change (ANIL: the head)."""
+        ...
+
     def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
         """Outputs of the task model with ``task_params`` (from ``adapt``) at inputs ``x``."""
         ...
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
         """SUM over the episodes of each task's meta-gradient, plus summed query statistics."""
-        ...
-
-    def evaluate(self, params: Params, batch: EpisodeBatch, steps: int, lr: float) -> dict[str, torch.Tensor]:
-        """Per-task query loss (and metrics) after 0..``steps`` adaptation steps: ``[T, steps + 1]`` each."""
         ...

@@ -18,11 +18,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
-from learners.inner_loop import adaptation_curve
 from learners.maml import query_stats
 from learners.objective import Objective
 from learners.params import ParamSpec, Params, init_params
-from learners.strategy import Strategy, Summed, map_over_tasks, sum_over_tasks
+from learners.strategy import Strategy, Summed, sum_over_tasks
 from tasks.episode import EpisodeBatch
 
 
@@ -65,6 +64,12 @@ class HyperNetwork:
     def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.target, task_params, (x,))
 
+    def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+        return self.adapt(params, support_x, support_y)
+
+    def tunable(self, task_params: Params) -> tuple[str, ...]:
+        return self._spec.names
+
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         pairs = torch.cat([support_x.reshape(len(support_x), -1), support_y.reshape(len(support_y), -1)], dim=1)
         return self._spec.unflatten(functional_call(self._net, params, (pairs,)))
@@ -81,12 +86,3 @@ class HyperNetwork:
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
         return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
-
-    def evaluate(self, params: Params, batch: EpisodeBatch, steps: int, lr: float) -> dict[str, torch.Tensor]:
-        keys = self._spec.names
-
-        def curve(p, sx, sy, qx, qy):
-            start = {k: v.detach() for k, v in self.adapt(p, sx, sy).items()}
-            return adaptation_curve(self.predict, self.objective, start, keys, (sx, sy), (qx, qy), steps, lr)
-
-        return map_over_tasks(curve, params, batch, self.strategy)

@@ -14,6 +14,7 @@ from torch.func import grad
 
 from learners.objective import Objective
 from learners.params import Params
+from learners.strategy import map_over_tasks
 
 ModelFn = Callable[[Params, torch.Tensor], torch.Tensor]
 
@@ -63,3 +64,18 @@ def adaptation_curve(
             params = sgd(model, objective, params, keys, *support, steps=1, lr=lr, first_order=True)
             params = {k: v.detach() for k, v in params.items()}
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def adaptation_curves(algorithm, params: Params, batch, steps: int, lr: float) -> dict[str, torch.Tensor]:
+    """Per-task query loss (and metrics) after 0..``steps`` SGD steps, ``[T, steps + 1]`` each.
+
+    Step 0 is the algorithm's own task model (``algorithm.start``: θ for MAML,
+    the generated weights for a hypernetwork); later steps fine-tune
+    ``algorithm.tunable`` entries on the support set, the MAML paper's protocol.
+    """
+    def curve(p, sx, sy, qx, qy):
+        start = {k: v.detach() for k, v in algorithm.start(p, sx, sy).items()}
+        return adaptation_curve(algorithm.predict, algorithm.objective, start, algorithm.tunable(start),
+                                (sx, sy), (qx, qy), steps, lr)
+
+    return map_over_tasks(curve, params, batch, algorithm.strategy)

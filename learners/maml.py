@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
-from learners.inner_loop import adaptation_curve, sgd
+from learners.inner_loop import sgd
 from learners.objective import Objective
 from learners.params import Params, init_params
-from learners.strategy import Strategy, Summed, map_over_tasks, sum_over_tasks
+from learners.strategy import Strategy, Summed, sum_over_tasks
 from tasks.episode import EpisodeBatch
 
 
@@ -45,11 +45,14 @@ class MAML:
     def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, task_params, (x,))
 
-    def _keys(self, params: Params) -> tuple[str, ...]:
-        return tuple(params) if self.inner_keys is None else self.inner_keys
+    def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+        return params
+
+    def tunable(self, task_params: Params) -> tuple[str, ...]:
+        return tuple(task_params) if self.inner_keys is None else self.inner_keys
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
-        return sgd(self.predict, self.objective, params, self._keys(params), support_x, support_y,
+        return sgd(self.predict, self.objective, params, self.tunable(params), support_x, support_y,
                    self.inner_steps, self.inner_lr, self.first_order)
 
     def task_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
@@ -65,14 +68,6 @@ class MAML:
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
         return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
-
-    def evaluate(self, params: Params, batch: EpisodeBatch, steps: int, lr: float) -> dict[str, torch.Tensor]:
-        keys = self._keys(params)
-
-        def curve(p, sx, sy, qx, qy):
-            return adaptation_curve(self.predict, self.objective, p, keys, (sx, sy), (qx, qy), steps, lr)
-
-        return map_over_tasks(curve, params, batch, self.strategy)
 
 
 def query_stats(objective: Objective, pred_before: torch.Tensor, pred_after: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from learners.inner_loop import adaptation_curves
 from learners.params import ParamSpec
 from orchestrator.build import build_algorithm, build_tasks
 from orchestrator.config import Config, parse_config
@@ -50,7 +51,7 @@ class TaskWorker:
     def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None) -> dict[str, np.ndarray]:
         """Per-episode query loss (and metrics) after 0..``steps`` adaptation steps: ``[len(ids), steps + 1]``."""
         batch = self._source(probe).sample(ids)
-        out = self.algorithm.evaluate(self._params(theta), batch, steps, lr)
+        out = adaptation_curves(self.algorithm, self._params(theta), batch, steps, lr)
         return {k: v.detach().numpy() for k, v in out.items()}
 
     def _params(self, theta: np.ndarray) -> dict[str, torch.Tensor]:

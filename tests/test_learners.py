@@ -7,6 +7,7 @@ import torch
 
 from learners.finetune import Transfer
 from learners.hypernet import HyperNetwork
+from learners.inner_loop import adaptation_curves
 from learners.maml import MAML
 from learners.mlp import MLP
 from learners.objective import MSE
@@ -164,10 +165,10 @@ def test_vmap_strategy_equals_loop_strategy(name):
     batch = sine_batch(tasks=6, dtype=torch.float32)
     alg.strategy = "vmap"
     v = alg.meta_gradient(params, batch)
-    ev = alg.evaluate(params, batch, 3, 0.05)
+    ev = adaptation_curves(alg, params, batch, 3, 0.05)
     alg.strategy = "loop"
     lp = alg.meta_gradient(params, batch)
-    el = alg.evaluate(params, batch, 3, 0.05)
+    el = adaptation_curves(alg, params, batch, 3, 0.05)
     assert v.tasks == lp.tasks == 6
     for k in params:
         torch.testing.assert_close(v.grads[k], lp.grads[k], rtol=1e-5, atol=1e-6)
