@@ -20,7 +20,7 @@ from torch.func import functional_call, grad
 
 from learners.maml import query_stats
 from learners.objective import Objective
-from learners.params import ParamSpec, Params, init_params
+from learners.params import ParamSpec, Params, init_params, materialize
 from learners.strategy import Strategy, Summed, sum_over_tasks
 from tasks.episode import EpisodeBatch
 
@@ -64,6 +64,10 @@ class HyperNetwork:
     def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.target, task_params, (x,))
 
+    def export(self, params: Params, batch: EpisodeBatch) -> tuple[nn.Module, torch.Tensor]:
+        # The exported model is the DeepSet: (x, y) support pairs in, the task model's flat weights out.
+        return materialize(self._net, params), _pairs(batch.support_x[0], batch.support_y[0])
+
     def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         return self.adapt(params, support_x, support_y)
 
@@ -71,8 +75,7 @@ class HyperNetwork:
         return self._spec.names
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
-        pairs = torch.cat([support_x.reshape(len(support_x), -1), support_y.reshape(len(support_y), -1)], dim=1)
-        return self._spec.unflatten(functional_call(self._net, params, (pairs,)))
+        return self._spec.unflatten(functional_call(self._net, params, (_pairs(support_x, support_y),)))
 
     def task_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
         def query_loss(p: Params):
@@ -86,3 +89,8 @@ class HyperNetwork:
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
         return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
+
+
+def _pairs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One row [x_i, y_i] per support point: what the DeepSet reads."""
+    return torch.cat([x.reshape(len(x), -1), y.reshape(len(y), -1)], dim=1)

@@ -22,7 +22,7 @@ from torch.func import functional_call, grad
 
 from learners.inner_loop import sgd
 from learners.objective import Objective
-from learners.params import Params, init_params
+from learners.params import Params, init_params, materialize
 from learners.strategy import Strategy, Summed, sum_over_tasks
 from tasks.episode import EpisodeBatch
 
@@ -44,6 +44,9 @@ class MAML:
 
     def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, task_params, (x,))
+
+    def export(self, params: Params, batch: EpisodeBatch) -> tuple[nn.Module, torch.Tensor]:
+        return materialize(self.model, params), batch.query_x[0]
 
     def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         return params

@@ -8,6 +8,7 @@ processes (``ParamSpec`` remembers names, shapes and order).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -37,6 +38,13 @@ def init_params(module: nn.Module, seed: int, dtype: torch.dtype = torch.float32
             else:
                 out[key] = torch.zeros(p.shape, dtype=dtype)
     return out
+
+
+def materialize(module: nn.Module, params: Params) -> nn.Module:
+    """A real (CPU) copy of ``module`` holding ``params``: for export, e.g. ``mlflow.pytorch.log_model``."""
+    real = copy.deepcopy(module).to_empty(device="cpu")
+    real.load_state_dict({k: v.detach().cpu() for k, v in params.items()}, strict=True)
+    return real.eval()
 
 
 @dataclass(frozen=True)

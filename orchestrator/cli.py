@@ -2,20 +2,30 @@
 
     metaray train CONFIG [--set key.sub=value ...] [--resume]
     metaray eval RUN_DIR_OR_CHECKPOINT [--set eval.tasks=1000 ...]
+    metaray sweep CONFIG [CONFIG ...] [--set ...] [--grid 'key=[v1, v2]' ...] [--experiment NAME]
+    metaray ui [--port 5000]
 
-User mistakes (bad config, unusable checkpoint) print one line and exit 2.
+User mistakes (bad config, unusable checkpoint or tracking store) print one
+line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 
 from orchestrator.checkpoint import CheckpointError
 from orchestrator.config import ConfigError, apply_overrides, load_config, parse_config
+from orchestrator.tracking import DEFAULT_URI, TrackingError
 
-USER_ERRORS = (ConfigError, CheckpointError)
+USER_ERRORS = (ConfigError, CheckpointError, TrackingError)
+
+
+def _overrides(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,14 +34,24 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="meta-train from a YAML config, evaluate, checkpoint")
     t.add_argument("config", help="YAML run config, e.g. configs/sine-maml.yaml")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set outer.steps=1000 (repeatable)")
-    t.add_argument("--resume", action="store_true", help="continue the run's checkpoint (same trajectory)")
+    _overrides(t, "override a config value, e.g. --set outer.steps=1000 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue the run's checkpoint (same trajectory, same MLflow run)")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on its held-out tasks")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its held-out tasks (tracked as its own MLflow run)")
     e.add_argument("checkpoint", help="a run folder (runs/NAME) or a checkpoint file")
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override eval.* or workers.* settings, e.g. --set eval.tasks=1000")
+    _overrides(e, "override eval.*, workers.* or tracking.* settings, e.g. --set eval.tasks=1000")
+
+    s = sub.add_parser("sweep", help="train several configs / a grid as sibling MLflow runs under one parent")
+    s.add_argument("configs", nargs="+", help="YAML run configs, e.g. configs/sine-*.yaml")
+    _overrides(s, "override a value in every config (repeatable)")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=[V1, V2]",
+                   help="one run per value (cartesian product over several --grid)")
+    s.add_argument("--experiment", help="MLflow experiment of the whole sweep (default: the first config's)")
+    s.add_argument("--name", help="name of the parent run (default: sweep-<date>-<time>)")
+
+    u = sub.add_parser("ui", help="serve the MLflow UI for the tracking store on 127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--uri", help=f"tracking store (default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI})")
     return p
 
 
@@ -44,23 +64,46 @@ def main(argv: list[str] | None = None) -> int:
 
             train(load_config(args.config, args.overrides), resume=args.resume)
         elif args.command == "eval":
-            from orchestrator import checkpoint
-            from orchestrator.run import evaluate_checkpoint
+            _eval(args)
+        elif args.command == "sweep":
+            from orchestrator.sweep import sweep
 
-            cfg = None
-            if args.overrides:
-                bad = [o for o in args.overrides if not o.startswith(("eval.", "workers."))]
-                if bad:
-                    raise ConfigError(f"--set {bad[0]}: eval only takes eval.* and workers.* overrides")
-                stored = checkpoint.load(args.checkpoint).config.model_dump(mode="json")
-                cfg = parse_config(apply_overrides(stored, args.overrides), "checkpoint config + --set")
-            evaluate_checkpoint(args.checkpoint, cfg)
+            sweep(args.configs, args.overrides, args.grid, args.experiment, args.name)
+        elif args.command == "ui":
+            return _ui(args)
     except USER_ERRORS as e:
         print(f"metaray: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from orchestrator import checkpoint
+    from orchestrator.run import evaluate_checkpoint
+
+    cfg = None
+    if args.overrides:
+        bad = [o for o in args.overrides if not o.startswith(("eval.", "workers.", "tracking."))]
+        if bad:
+            raise ConfigError(f"--set {bad[0]}: eval only takes eval.*, workers.* and tracking.* overrides")
+        stored = checkpoint.load(args.checkpoint).config.model_dump(mode="json")
+        cfg = parse_config(apply_overrides(stored, args.overrides), "checkpoint config + --set")
+    evaluate_checkpoint(args.checkpoint, cfg)
+
+
+def _ui(args: argparse.Namespace) -> int:
+    uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql", "file:", "/", ".")):
+        raise TrackingError(f"{uri!r} is a tracking server, not a store: open it in a browser instead")
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(args.port)]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

@@ -147,6 +147,23 @@ class EvalConfig(Strict):
     """Episodes per worker call during evaluation."""
 
 
+class TrackingConfig(Strict):
+    enabled: bool = True
+    uri: str | None = None
+    """Tracking store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    experiment: str | None = None
+    """MLflow experiment; default metaray-<task family>."""
+    flush_every_s: PositiveFloat = 2.0
+    """Metrics are sent in batches at this period (asynchronously)."""
+    max_buffered_metrics: PositiveInt = 100_000
+    """Metrics kept in memory while the store is unreachable; older ones spill to a file in the run folder."""
+    close_timeout_s: NonNegativeFloat = 120.0
+    """At the end of a run, how long to wait for an unreachable store before leaving metrics in the spill file."""
+    plots: bool = True
+    log_model: bool = True
+    log_checkpoint: bool = True
+
+
 class RunConfig(Strict):
     name: str = Field("sine-maml", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: NonNegativeInt = 0
@@ -164,10 +181,13 @@ class Config(Strict):
     outer: OuterConfig = OuterConfig()
     workers: WorkersConfig = WorkersConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         errors: list[str] = []
+        if self.workers.fault_injection is not None and self.workers.mode != "ray":
+            errors.append("workers.fault_injection: only Ray workers can be failed on purpose; set workers.mode: ray")
         if self.algorithm.name == "scratch" and self.outer.steps:
             errors.append("outer.steps: scratch trains nothing before fine-tuning; set outer.steps: 0")
         for name, overrides in self.eval.probes.items():

@@ -27,11 +27,17 @@ class Score:
         return f"{self.mean:.3f} ± {self.ci95:.3f}"
 
 
-def score(values: np.ndarray) -> Score:
+def mean_ci(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over the first axis and the half-width of its normal 95% confidence interval."""
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
-    half = 1.96 * values.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
-    return Score(float(values.mean()), float(half), n)
+    half = 1.96 * values.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.full(values.shape[1:], np.nan)
+    return values.mean(0), half
+
+
+def score(values: np.ndarray) -> Score:
+    mean, half = mean_ci(values)
+    return Score(float(mean), float(half), len(values))
 
 
 def evaluate(cfg: Config, group: LocalGroup | WorkerGroup, theta: np.ndarray, probe: str | None = None) -> dict[str, np.ndarray]:
@@ -49,12 +55,13 @@ def summarize(curves: dict[str, np.ndarray], steps: list[int]) -> dict[str, dict
     return {m: {s: score(v[:, s]) for s in steps} for m, v in curves.items()}
 
 
-def evaluate_all(cfg: Config, group: LocalGroup | WorkerGroup, theta: np.ndarray) -> dict[str, dict[str, dict[int, Score]]]:
-    """Summaries for the task itself (``"test"``) and for every probe in ``eval.probes``."""
-    out = {"test": summarize(evaluate(cfg, group, theta), cfg.eval.steps)}
+def evaluate_all(cfg: Config, group: LocalGroup | WorkerGroup, theta: np.ndarray):
+    """Summaries ``{evaluation: {metric: {steps: Score}}}`` and the per-task curves behind them, for the
+    task itself (``"test"``) and every probe in ``eval.probes``."""
+    curves = {"test": evaluate(cfg, group, theta)}
     for name in cfg.eval.probes:
-        out[name] = summarize(evaluate(cfg, group, theta, name), cfg.eval.steps)
-    return out
+        curves[name] = evaluate(cfg, group, theta, name)
+    return {ev: summarize(c, cfg.eval.steps) for ev, c in curves.items()}, curves
 
 
 def table(label: str, results: dict[str, dict[str, dict[int, Score]]]) -> str:

@@ -1,4 +1,4 @@
-"""One training run from config to evaluated checkpoint: what ``metaray train`` does.
+"""One run from config to evaluated, tracked checkpoint: what ``metaray train`` and ``metaray eval`` do.
 
 >>> from orchestrator.config import load_config
 >>> result = train(load_config("configs/sine-maml.yaml", ["outer.steps=100"]))  # doctest: +SKIP
@@ -12,17 +12,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import numpy as np
+import torch
 
+from learners.algorithm import Algorithm
 from learners.params import ParamSpec, Params
-from orchestrator import checkpoint
-from orchestrator.build import build_algorithm
-from orchestrator.config import Config
-from orchestrator.evaluate import Score, evaluate_all, table, to_json
-from orchestrator.group import make_group
+from orchestrator import checkpoint, plots
+from orchestrator.build import build_algorithm, build_tasks
+from orchestrator.config import Config, SineTaskConfig
+from orchestrator.evaluate import Score, evaluate_all, mean_ci, table, to_json
+from orchestrator.group import LocalGroup, WorkerGroup, make_group
 from orchestrator.learner import CentralLearner
+from orchestrator.tracking import MlflowTracker, NullTracker, open_tracker
+from tasks.episode import EpisodeIds, Purpose
+
+Results = dict[str, dict[str, dict[int, Score]]]
+HISTORY_PREFIXES = ("meta/", "inner/", "orchestrator/")
 
 
 @dataclass
@@ -32,13 +37,16 @@ class TrainResult:
     faults: int
     fault_events: list[str]
     skipped_steps: int
-    results: dict[str, dict[str, dict[int, Score]]]
+    results: Results
     run_dir: Path
-    metrics: list[dict[str, float]]
+    history: dict[str, list[float]]  # per meta-step of this process: meta/*, inner/*, orchestrator/*
+    run_id: str | None
+    test_curve: tuple[np.ndarray, np.ndarray] | None  # held-out query loss (mean, 95% CI) after 0..k steps
 
 
-def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdout) -> TrainResult:
-    """Meta-train per ``cfg`` (continuing the run's checkpoint when ``resume``), evaluate, save."""
+def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdout,
+          parent_run_id: str | None = None) -> TrainResult:
+    """Meta-train per ``cfg`` (continuing the run's checkpoint when ``resume``), evaluate, save, track."""
     run_dir = cfg.run_dir
     ckpt_path = run_dir / checkpoint.FILENAME
     algorithm = build_algorithm(cfg)
@@ -53,62 +61,134 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdo
         raise checkpoint.CheckpointError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it, or set another run.name")
 
-    group = make_group(cfg)
+    # Opened before Ray starts: an unusable tracking store is reported before any work is done.
+    tracker = open_tracker(cfg, run_id=state.get("mlflow_run_id"), parent_run_id=parent_run_id, run_dir=run_dir)
+    status = "FAILED"
+    group = None
     try:
+        group = make_group(cfg)
         learner = CentralLearner(cfg, params, group, optimizer_state, step, state.get("skipped_steps", 0))
         group.faults.count = state.get("faults", 0)
         _write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-        history: list[dict[str, float]] = []
+        tracker.log_params({**cfg.flat(), "resources.worker_count": group.size})
+        tracker.log_artifact(run_dir / "config.yaml")
+        history: dict[str, list[float]] = {}
+        first_step = learner.step
 
         def save() -> None:
             checkpoint.save(ckpt_path, step=learner.step, params=learner.params,
                             optimizer=learner.optimizer.state_dict(), config=cfg,
-                            state={"faults": group.faults.count, "skipped_steps": learner.skipped_steps})
+                            state={"faults": group.faults.count, "skipped_steps": learner.skipped_steps,
+                                   "mlflow_run_id": tracker.run_id})
 
         started = time.perf_counter()
         try:
             while learner.step < cfg.outer.steps:
                 metrics = learner.meta_step()
-                history.append(metrics)
+                tracker.log_metrics(metrics, learner.step - 1)
+                for k, v in metrics.items():
+                    if k.startswith(HISTORY_PREFIXES):
+                        history.setdefault(k, []).append(v)
                 if learner.step % cfg.run.log_every == 0 or learner.step == cfg.outer.steps:
                     _progress(out, learner.step, cfg.outer.steps, metrics, time.perf_counter() - started)
                 if learner.step % cfg.run.checkpoint_every == 0:
                     save()
         except KeyboardInterrupt:
             save()
+            status = "KILLED"
             print(f"interrupted: checkpoint at step {learner.step} in {ckpt_path}; continue with --resume",
                   file=out)
             raise
         save()
 
-        results: dict[str, Any] = {}
+        results: Results = {}
+        test_curve = None
+        theta = learner.theta()
         if evaluate:
-            results = evaluate_all(cfg, group, learner.theta())
-            print(table(algorithm.name, results), file=out)
-            _write_atomic(run_dir / "eval.json", json.dumps(to_json(results), indent=2))
+            results, curves = _evaluate_and_report(cfg, algorithm, group, theta, tracker, learner.step, run_dir, out)
+            test_curve = mean_ci(curves["test"]["loss"])
+        if cfg.tracking.plots and history:
+            tracker.log_figure(plots.learning_curves(history, first_step), "learning_curves")
+        if cfg.tracking.log_checkpoint:
+            tracker.log_artifact(ckpt_path, "checkpoint")
+        if cfg.tracking.log_model:
+            module, example = algorithm.export(learner.params, _eval_batch(cfg, 1))
+            tracker.log_model(module, example.numpy())
         if group.faults.count:
             print(f"worker faults survived: {group.faults.count} (" + "; ".join(group.faults.events[-3:]) + ")",
                   file=out)
+        status = "FINISHED"
         return TrainResult(learner.params, learner.step, group.faults.count, list(group.faults.events),
-                           learner.skipped_steps, results, run_dir, history)
+                           learner.skipped_steps, results, run_dir, history, tracker.run_id, test_curve)
     finally:
-        group.close()
+        if group is not None:
+            group.close()
+        unsent = tracker.close(status)
+        if unsent:
+            print(f"tracking: {unsent} metrics are waiting in {run_dir} for the store; --resume sends them",
+                  file=out)
 
 
-def evaluate_checkpoint(path: str | Path, overrides_cfg: Config | None = None, out=sys.stdout):
-    """Evaluate a saved checkpoint (``metaray eval``) under its own config, or ``overrides_cfg``."""
+def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.stdout) -> Results:
+    """Evaluate a saved checkpoint (``metaray eval``) under its own config, or ``cfg``; tracked as its own run."""
     ckpt = checkpoint.load(path)
-    cfg = overrides_cfg or ckpt.config
+    cfg = cfg or ckpt.config
     algorithm = build_algorithm(cfg)
     checkpoint.check_params(ckpt, algorithm.init_params(0))
-    group = make_group(cfg)
+    tracker = open_tracker(cfg, command="eval", run_dir=ckpt.path.parent)
+    status, group = "FAILED", None
     try:
+        tracker.log_params({**cfg.flat(), "eval.checkpoint": str(ckpt.path), "eval.checkpoint_step": ckpt.step})
+        group = make_group(cfg)
         theta = ParamSpec.of(ckpt.params).flatten(ckpt.params).numpy().astype(np.float32)
-        results = evaluate_all(cfg, group, theta)
+        results, _ = _evaluate_and_report(cfg, algorithm, group, theta, tracker, ckpt.step, ckpt.path.parent, out)
+        status = "FINISHED"
+        return results
     finally:
-        group.close()
+        if group is not None:
+            group.close()
+        tracker.close(status)
+
+
+def _evaluate_and_report(cfg: Config, algorithm: Algorithm, group: LocalGroup | WorkerGroup, theta: np.ndarray,
+                         tracker: MlflowTracker | NullTracker, step: int, out_dir: Path, out):
+    results, curves = evaluate_all(cfg, group, theta)
     print(table(algorithm.name, results), file=out)
-    return results
+    _write_atomic(out_dir / "eval.json", json.dumps(to_json(results), indent=2))
+    summary = {}
+    for ev, metrics in results.items():
+        for m, by_step in metrics.items():
+            for s, sc in by_step.items():
+                summary[f"eval/{ev}/{m}_step{s}"] = sc.mean
+                summary[f"eval/{ev}/{m}_step{s}_ci95"] = sc.ci95
+    tracker.log_metrics(summary, step)
+    # The whole curve, with the MLflow step = number of adaptation steps: MLflow's charts and compare
+    # view then plot loss vs adaptation steps across runs.
+    for ev, per_metric in curves.items():
+        for m, per_task in per_metric.items():
+            for k, value in enumerate(per_task.mean(0)):
+                tracker.log_metrics({f"eval/{ev}/{m}_curve": float(value)}, k)
+    if cfg.tracking.plots:
+        _log_plots(cfg, algorithm, theta, tracker, curves)
+    return results, curves
+
+
+def _log_plots(cfg: Config, algorithm: Algorithm, theta: np.ndarray, tracker, curves) -> None:
+    lines = {f"this run ({algorithm.name})": mean_ci(curves["test"]["loss"])}
+    for name, values in tracker.sibling_curves("eval/test/loss_curve").items():
+        lines.setdefault(name, (np.asarray(values), None))
+    tracker.log_figure(plots.adaptation_plot(lines, f"{cfg.task.family}: held-out query loss"), "loss_vs_steps")
+    if isinstance(cfg.task, SineTaskConfig):
+        params = ParamSpec.of(algorithm.init_params(0)).unflatten(torch.from_numpy(theta.copy()))
+        lr = cfg.eval.inner_lr or cfg.algorithm.inner_lr
+        steps = tuple(sorted(set(cfg.eval.steps)))
+        for name, task in [("test", cfg.task)] + [(p, cfg.probe_task(p)) for p in cfg.eval.probes]:
+            fig = plots.sine_fits(algorithm, params, build_tasks(task), cfg.eval.seed, steps, lr)
+            tracker.log_figure(fig, f"sine_fits_{name}")
+
+
+def _eval_batch(cfg: Config, n: int):
+    return build_tasks(cfg.task).sample(EpisodeIds(cfg.eval.seed, 0, tuple(range(n)), Purpose.EVAL))
 
 
 def _progress(out, step: int, total: int, m: dict[str, float], elapsed: float) -> None:
@@ -127,3 +207,5 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+

@@ -11,6 +11,25 @@ import torch
 from orchestrator.config import Config, parse_config
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """Every run of the session (CLI subprocesses included) tracks into one real SQLite store, never ./mlflow.db.
+
+    One store for the session: creating MLflow's tables costs a second or two per new database.
+    """
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    old, cwd = os.environ.get("MLFLOW_TRACKING_URI"), os.getcwd()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.chdir(folder)  # MLflow puts a SQLite store's artifacts under ./mlruns: keep them out of the checkout
+    yield uri
+    os.chdir(cwd)
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real embedded Ray (token auth on, as by default), shared by the integration tests."""
@@ -38,6 +57,7 @@ def tiny_config(tmp_path, **sections) -> Config:
         "outer": {"meta_batch_size": 8, "steps": 5, "lr": 0.001},
         "workers": {"mode": "inprocess", "num_workers": 2},
         "eval": {"tasks": 20, "steps": [0, 1], "batch_tasks": 10},
+        "tracking": {"plots": False, "log_model": False, "log_checkpoint": False},
     }
     for section, values in sections.items():
         data[section] = {**data.get(section, {}), **values}

@@ -56,7 +56,7 @@ def test_maml_meta_gradient_matches_central_finite_differences(inner_steps):
                 shifted = value.clone().reshape(-1)
                 shifted[j] += delta
                 leaves = {k: v.clone().requires_grad_() for k, v in {**params, name: shifted.view_as(value)}.items()}
-                return float(total_query_loss(alg, leaves, batch))
+                return float(total_query_loss(alg, leaves, batch).detach())
             fd = (f(eps) - f(-eps)) / (2 * eps)
             got = float(grads[name].reshape(-1)[j])
             assert math.isclose(got, fd, rel_tol=1e-5, abs_tol=1e-7), (name, j, got, fd)

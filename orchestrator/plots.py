@@ -1,0 +1,90 @@
+"""The figures a run logs: learning curves, loss vs adaptation steps, and sine fits before/after adaptation.
+
+Figures are built with ``matplotlib.figure.Figure`` directly (no pyplot, no
+global backend state), so they render headless anywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from learners.algorithm import Algorithm
+from learners.inner_loop import sgd
+from learners.params import Params
+from tasks.episode import EpisodeIds, Purpose
+from tasks.sine import SineTasks
+
+
+def learning_curves(history: dict[str, list[float]], first_step: int, window: int = 100) -> Figure:
+    """Query loss before/after adaptation (and accuracy) per meta-step, smoothed by a running mean."""
+    losses = [k for k in ("inner/loss_before", "inner/loss_after") if history.get(k)] or ["meta/loss"]
+    panels = [(losses, "query loss", True)]
+    acc = [k for k in ("inner/acc_before", "inner/acc_after") if history.get(k)]
+    if acc:
+        panels.append((acc, "query accuracy", False))
+    n = len(history[losses[0]])
+    w = max(1, min(window, n // 10))
+    fig = Figure(figsize=(5 * len(panels) + 1, 4), layout="constrained")
+    for ax, (keys, ylabel, log) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for k in keys:
+            smooth = np.convolve(np.asarray(history[k], dtype=float), np.ones(w) / w, mode="valid")
+            ax.plot(np.arange(len(smooth)) + first_step + w, smooth, label=k)
+        ax.set_xlabel("meta-step")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"meta-training, query set of each meta-batch (running mean over {w} steps)")
+    return fig
+
+
+def adaptation_plot(curves: dict[str, tuple[np.ndarray, np.ndarray | None]], title: str) -> Figure:
+    """Mean query loss vs number of adaptation steps, one line per label (with 95% CI bands where given)."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for label, (mean, ci) in curves.items():
+        steps = np.arange(len(mean))
+        ax.plot(steps, mean, marker="o", ms=3, label=label)
+        if ci is not None:
+            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+    ax.set_xlabel("gradient steps on the support set")
+    ax.set_ylabel("query loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    return fig
+
+
+def sine_fits(algorithm: Algorithm, params: Params, source: SineTasks, seed: int, steps: tuple[int, ...],
+              lr: float, n_tasks: int = 6) -> Figure:
+    """Held-out sine tasks: support points, ground truth, and the model after each number of adaptation steps."""
+    ids = EpisodeIds(seed, 0, tuple(range(n_tasks)), Purpose.EVAL)
+    batch = source.sample(ids)
+    truth = source.task_parameters(ids)
+    x = np.linspace(*source.x_range, 200)
+    grid = torch.tensor(x, dtype=torch.float32)[:, None]
+    fig = Figure(figsize=(12, 6), layout="constrained")
+    axes = fig.subplots(2, (n_tasks + 1) // 2).ravel()
+    for i, ax in enumerate(axes[:n_tasks]):
+        sx, sy = batch.support_x[i], batch.support_y[i]
+        task = {k: v.detach() for k, v in algorithm.start(params, sx, sy).items()}
+        ax.plot(x, SineTasks.curve(truth[i], x), "k-", lw=2, label="ground truth")
+        done = 0
+        for s in sorted(steps):
+            task = sgd(algorithm.predict, algorithm.objective, task, algorithm.tunable(task), sx, sy, s - done, lr,
+                       first_order=True)
+            task = {k: v.detach() for k, v in task.items()}
+            done = s
+            with torch.no_grad():
+                ax.plot(x, algorithm.predict(task, grid)[:, 0].numpy(), "--" if s == 0 else "-",
+                        label=f"after {s} step{'s' if s != 1 else ''}")
+        ax.plot(sx[:, 0].numpy(), sy[:, 0].numpy(), "^", color="tab:red", label="support")
+        ax.set_title(f"A={truth[i, 0]:.2f}, phase={truth[i, 1]:.2f}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{algorithm.name}: held-out sine tasks, K={batch.support_x.shape[1]}")
+    return fig
