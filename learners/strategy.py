@@ -36,7 +36,9 @@ class Summed:
 
 
 def _finite(tree: dict[str, torch.Tensor], batched: bool) -> torch.Tensor:
-    flags = [torch.isfinite(v).reshape(v.shape[0], -1).all(1) if batched else torch.isfinite(v).all() for v in tree.values()]
+    # A sum is finite iff every term is (an inf or NaN propagates; inf - inf is NaN): one pass per tensor.
+    # Overflowing a float32 sum needs entries near 1e38, which is divergence too.
+    flags = [torch.isfinite(v.reshape(v.shape[0], -1).sum(1) if batched else v.sum()) for v in tree.values()]
     return torch.stack(flags).all(0)
 
 
@@ -47,8 +49,12 @@ def sum_over_tasks(task_fn: TaskFn, params: Params, batch: EpisodeBatch, strateg
         grads, stats = vmap(task_fn, in_dims=(None, 0, 0, 0, 0))(params, *tensors)
         ok = _finite(grads, True) & _finite(stats, True)
         kept = int(ok.sum())
-        summed = {k: torch.where(ok.view(-1, *[1] * (v.dim() - 1)), v, 0).sum(0) for k, v in grads.items()}
-        totals = {k: float(torch.where(ok, v, 0).sum()) for k, v in stats.items()}
+        if kept == len(batch):
+            summed = {k: v.sum(0) for k, v in grads.items()}
+            totals = {k: float(v.sum()) for k, v in stats.items()}
+        else:
+            summed = {k: torch.where(ok.view(-1, *[1] * (v.dim() - 1)), v, 0).sum(0) for k, v in grads.items()}
+            totals = {k: float(torch.where(ok, v, 0).sum()) for k, v in stats.items()}
         return Summed(summed, totals, kept, len(batch) - kept, ok.tolist())
     if strategy == "loop":
         acc = {k: torch.zeros_like(v) for k, v in params.items()}
