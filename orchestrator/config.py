@@ -24,6 +24,7 @@ from pydantic import (
     PositiveInt,
     Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -66,12 +67,53 @@ class SineTaskConfig(Strict):
         return self
 
 
+Names = Union[list[str], float]
+
+
+class SplitConfig(Strict):
+    """Which classes each split may use. Splits are by class, never by image; Omniglot's are by alphabet."""
+
+    by: Literal["group", "class"] = "group"
+    """group: split whole groups (Omniglot alphabets, miniImageNet's csv splits); class: split classes."""
+    train: Names = 0.7
+    """Names of groups/classes, or the fraction of them (drawn with ``seed``)."""
+    val: Names = 0.0
+    test: Names = 0.3
+    seed: NonNegativeInt = 0
+
+    @field_validator("train", "val", "test", mode="before")
+    @classmethod
+    def _names_or_fraction(cls, v: Any) -> Any:
+        ok_list = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        ok_fraction = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+        if not (ok_list or ok_fraction):
+            raise ValueError(f"expected a list of group/class names or a fraction between 0 and 1, got {v!r}")
+        return v
+
+
+class ImageTaskConfig(Strict):
+    """N-way K-shot few-shot classification from an image store (``metaray data convert``)."""
+
+    family: Literal["images"] = "images"
+    store: str
+    """Path of the Arrow image store."""
+    n_way: PositiveInt = 5
+    k_shot: PositiveInt = 1
+    query: PositiveInt = 15
+    """Query images per class."""
+    rotations: bool = False
+    """Omniglot augmentation: each class rotated by 0/90/180/270 degrees gives 4 classes."""
+    split: SplitConfig = SplitConfig()
+    eval_split: Literal["val", "test"] = "test"
+    """Classes used for evaluation (never seen in training)."""
+
+
 def _family(value: Any) -> Any:
     # A task section without ``family`` is a sine task, the default family.
     return value.get("family", "sine") if isinstance(value, dict) else getattr(value, "family", None)
 
 
-_TASK_CONFIGS = (SineTaskConfig,)
+_TASK_CONFIGS = (SineTaskConfig, ImageTaskConfig)
 TASK_FAMILIES = tuple(m.model_fields["family"].default for m in _TASK_CONFIGS)
 TaskConfig = Annotated[
     Union[tuple(Annotated[m, Tag(m.model_fields["family"].default)] for m in _TASK_CONFIGS)],  # noqa: UP007
@@ -80,16 +122,14 @@ TaskConfig = Annotated[
 
 
 class ModelConfig(Strict):
-    backbone: Literal["mlp"] = "mlp"
+    backbone: Literal["mlp", "conv4"] = "mlp"
+    """mlp for vector tasks (sine); conv4 for images."""
     hidden: list[PositiveInt] = [40, 40]
     """Hidden layer widths of the MLP (the MAML sine regressor is [40, 40])."""
 
 
-ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "hypernet", "transfer", "scratch")
-
-
 class AlgorithmConfig(Strict):
-    name: Literal["maml", "fomaml", "anil", "reptile", "hypernet", "transfer", "scratch"] = "maml"
+    name: Literal["maml", "fomaml", "anil", "reptile", "protonet", "hypernet", "transfer", "scratch"] = "maml"
     inner_steps: NonNegativeInt = 1
     """SGD steps on the support set in the inner loop."""
     inner_lr: PositiveFloat = 0.01
@@ -188,6 +228,14 @@ class Config(Strict):
         errors: list[str] = []
         if self.workers.fault_injection is not None and self.workers.mode != "ray":
             errors.append("workers.fault_injection: only Ray workers can be failed on purpose; set workers.mode: ray")
+        image_task = isinstance(self.task, ImageTaskConfig)
+        if image_task != (self.model.backbone != "mlp"):
+            errors.append(f"model.backbone: {self.model.backbone!r} does not fit task family {self.task.family!r} "
+                          f"(use {'conv4' if image_task else 'mlp'})")
+        if self.algorithm.name == "protonet" and not image_task:
+            errors.append("algorithm.name: protonet classifies; use it with task.family: images")
+        if self.algorithm.name == "hypernet" and image_task:
+            errors.append("algorithm.name: hypernet writes the weights of a regression MLP; use task.family: sine")
         if self.algorithm.name == "scratch" and self.outer.steps:
             errors.append("outer.steps: scratch trains nothing before fine-tuning; set outer.steps: 0")
         for name, overrides in self.eval.probes.items():
@@ -321,6 +369,8 @@ def _format(error: ValidationError, prefix: tuple, model: type[BaseModel]) -> st
             if ctx_error.key:
                 key_loc = key_loc + (ctx_error.key,)
             message = str(ctx_error)
+        elif e["type"] == "value_error":
+            message = e["msg"].removeprefix("Value error, ")
         elif e["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc[:-1])
             message = "unknown key" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")

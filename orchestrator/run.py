@@ -49,6 +49,8 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdo
     """Meta-train per ``cfg`` (continuing the run's checkpoint when ``resume``), evaluate, save, track."""
     run_dir = cfg.run_dir
     ckpt_path = run_dir / checkpoint.FILENAME
+    for split in ("train", "eval"):
+        build_tasks(cfg.task, split)  # bad data (missing store, too few images) fails here, before anything starts
     algorithm = build_algorithm(cfg)
     params = algorithm.init_params(cfg.run.seed)
     optimizer_state, step, state = None, 0, {}
@@ -188,7 +190,7 @@ def _log_plots(cfg: Config, algorithm: Algorithm, theta: np.ndarray, tracker, cu
 
 
 def _eval_batch(cfg: Config, n: int):
-    return build_tasks(cfg.task).sample(EpisodeIds(cfg.eval.seed, 0, tuple(range(n)), Purpose.EVAL))
+    return build_tasks(cfg.task, "eval").sample(EpisodeIds(cfg.eval.seed, 0, tuple(range(n)), Purpose.EVAL))
 
 
 def _progress(out, step: int, total: int, m: dict[str, float], elapsed: float) -> None:

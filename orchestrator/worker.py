@@ -32,7 +32,7 @@ class TaskWorker:
         self.incarnation = uuid.uuid4().hex
         self.algorithm = build_algorithm(self.cfg)
         self.spec = ParamSpec.of(self.algorithm.init_params(0))
-        self._sources: dict[str | None, TaskSource] = {None: build_tasks(self.cfg.task)}
+        self._sources: dict[tuple[str, str | None], TaskSource] = {}
         self._restarted = restarted
 
     def ready(self) -> str:
@@ -43,14 +43,14 @@ class TaskWorker:
         self._maybe_fail(ids)
         start = time.perf_counter()
         params = self._params(theta)
-        summed = self.algorithm.meta_gradient(params, self._source(None).sample(ids))
+        summed = self.algorithm.meta_gradient(params, self._source("train").sample(ids))
         grad = self.spec.flatten(summed.grads).detach().numpy().astype(np.float32, copy=False)
         return TaskResult(grad, summed.stats, summed.tasks, summed.dropped, time.perf_counter() - start,
                           self.index, self.incarnation)
 
     def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None) -> dict[str, np.ndarray]:
         """Per-episode query loss (and metrics) after 0..``steps`` adaptation steps: ``[len(ids), steps + 1]``."""
-        batch = self._source(probe).sample(ids)
+        batch = self._source("eval", probe).sample(ids)
         out = adaptation_curves(self.algorithm, self._params(theta), batch, steps, lr)
         return {k: v.detach().numpy() for k, v in out.items()}
 
@@ -58,10 +58,12 @@ class TaskWorker:
         # Arrays from Ray's object store are read-only views; torch needs its own writable copy.
         return self.spec.unflatten(torch.tensor(theta, dtype=torch.float32))
 
-    def _source(self, probe: str | None) -> TaskSource:
-        if probe not in self._sources:
-            self._sources[probe] = build_tasks(self.cfg.probe_task(probe))
-        return self._sources[probe]
+    def _source(self, split: str, probe: str | None = None) -> TaskSource:
+        key = (split, probe)
+        if key not in self._sources:
+            task = self.cfg.task if probe is None else self.cfg.probe_task(probe)
+            self._sources[key] = build_tasks(task, split)
+        return self._sources[key]
 
     def _maybe_fail(self, ids: EpisodeIds) -> None:
         fault = self.cfg.workers.fault_injection

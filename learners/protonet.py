@@ -1,0 +1,81 @@
+"""Prototypical networks (Snell et al. 2017): classify queries by distance to class means of the support embeddings.
+
+The meta-parameters are the embedding network's. A task's model is the
+embedding followed by a linear head built from the prototypes c_k:
+
+    logits_k(z) = 2 c_k·z − |c_k|²  =  −|z − c_k|² + |z|²
+
+which has the softmax of negative squared Euclidean distances (the ``|z|²``
+term is the same for every class). Writing it as a linear head lets test-time
+SGD steps fine-tune it like any other head (``tunable``), and lets the same
+export/evaluation code serve ProtoNet, MAML and MetaOptNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+
+from learners.objective import Objective
+from learners.params import Params, init_params, materialize
+from learners.strategy import Strategy, Summed, sum_over_tasks
+from tasks.episode import EpisodeBatch
+
+
+def prototype_head(embedding: torch.Tensor, labels: torch.Tensor, n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [n_way, D], bias [n_way]) of the linear head equivalent to nearest-prototype classification."""
+    # A comparison rather than F.one_hot, which vmap cannot batch.
+    onehot = (labels[:, None] == torch.arange(n_way, device=labels.device)).to(embedding.dtype)
+    protos = onehot.T @ embedding / onehot.sum(0).clamp_min(1)[:, None]
+    return 2 * protos, -(protos**2).sum(1)
+
+
+@dataclass
+class ProtoNet:
+    model: nn.Module  # has .features (the embedding), .head (linear) and .head_keys, e.g. Conv4
+    objective: Objective
+    n_way: int
+    strategy: Strategy = "vmap"
+    name: str = "protonet"
+    trains: bool = True
+
+    def init_params(self, seed: int) -> Params:
+        return {k: v for k, v in init_params(self.model, seed).items() if k not in self.model.head_keys}
+
+    def embed(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        features = {k.removeprefix("features."): v for k, v in params.items() if k.startswith("features.")}
+        return functional_call(self.model.features, features, (x,))
+
+    def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+        weight, bias = prototype_head(self.embed(params, support_x), support_y, self.n_way)
+        return {**params, "head.weight": weight, "head.bias": bias}
+
+    adapt = start
+
+    def tunable(self, task_params: Params) -> tuple[str, ...]:
+        return self.model.head_keys
+
+    def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, task_params, (x,))
+
+    def task_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
+        def query_loss(p: Params):
+            pred = self.predict(self.start(p, sx, sy), qx)
+            return self.objective.loss(pred, qy), pred
+
+        grads, pred = grad(query_loss, has_aux=True)(params)
+        pred = pred.detach()
+        stats = {"loss_after": self.objective.loss(pred, qy)}
+        stats.update({f"{k}_after": v for k, v in self.objective.metrics(pred, qy).items()})
+        return grads, stats
+
+    def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
+        return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
+
+    def export(self, params: Params, batch: EpisodeBatch) -> tuple[nn.Module, torch.Tensor]:
+        # The meta-learned part is the embedding network: images in, embeddings out.
+        features = {k.removeprefix("features."): v for k, v in params.items() if k.startswith("features.")}
+        return materialize(self.model.features, features), batch.query_x[0]
