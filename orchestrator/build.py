@@ -45,7 +45,7 @@ def build_tasks(task: TaskConfig, split: Split = "train") -> TaskSource:
         s = task.split
         classes = split_classes(store, by=s.by, train=s.train, val=s.val, test=s.test, seed=s.seed)
         name = "train" if split == "train" else task.eval_split
-        return FewShotTasks(store, task.n_way, task.k_shot, task.query, classes[name], rotations=task.rotations)
+        return FewShotTasks(store, task.n_way, task.k_shot, task.query, getattr(classes, name), rotations=task.rotations)
     raise ValueError(f"no task source for family {task.family!r}")
 
 

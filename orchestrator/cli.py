@@ -17,11 +17,13 @@ import os
 import subprocess
 import sys
 
+from orchestrator import data_cli
 from orchestrator.checkpoint import CheckpointError
 from orchestrator.config import ConfigError, apply_overrides, load_config, parse_config
 from orchestrator.tracking import DEFAULT_URI, TrackingError
+from tasks.store import DataError
 
-USER_ERRORS = (ConfigError, CheckpointError, TrackingError)
+USER_ERRORS = (ConfigError, CheckpointError, TrackingError, DataError)
 
 
 def _overrides(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -52,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("ui", help="serve the MLflow UI for the tracking store on 127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--uri", help=f"tracking store (default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI})")
+    data_cli.add_parser(sub)
     return p
 
 
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             sweep(args.configs, args.overrides, args.grid, args.experiment, args.name)
         elif args.command == "ui":
             return _ui(args)
+        elif args.command == "data":
+            return data_cli.run(args)
     except USER_ERRORS as e:
         print(f"metaray: error: {e}", file=sys.stderr)
         return 2
