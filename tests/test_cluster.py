@@ -1,0 +1,461 @@
+"""cluster/: the launcher configs validate against Ray's own schema and keep the project's rules
+(CPU head with no Ray resources, GPU groups from zero, spot only for workers, image = installed
+ray, token auth, dashboard on 127.0.0.1); the KubeRay manifests carry what a GPU cluster needs;
+and cluster/local_cluster.sh really starts a head + 2 workers and then ends every process it
+started, and nothing else.
+
+The real-cluster test is marked ``cluster``: ``python -m pytest -m cluster tests/test_cluster.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+SCRIPT = CLUSTER / "local_cluster.sh"
+LAUNCHER_CONFIGS = ["aws.yaml", "gcp.yaml"]
+PY_TAG = f"py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
+def load(name: str):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def requirements() -> list[str]:
+    return (CLUSTER / "requirements.txt").read_text().split()
+
+
+def image_pattern(kind: str) -> str:
+    """rayproject/ray:<installed ray>-<this Python>-<cpu | gpu | cuXXX>."""
+    platform = "cpu" if kind == "cpu" else r"(gpu|cu\d+)"
+    return rf"^rayproject/ray:{re.escape(ray_version())}-{PY_TAG}-{platform}$"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray cluster launcher (ray up)
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_config_validates_against_the_schema_ray_ships(name):
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    config = load(name)
+    jsonschema.validate(config, schema)
+    # What `ray up` does before it touches a cloud: fill in the provider defaults, validate again
+    # (head_node_type among the node types, sum of min_workers within max_workers, ...).
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def node_types(config: dict) -> tuple[str, dict, dict]:
+    types = config["available_node_types"]
+    head = config["head_node_type"]
+    return head, types[head], {k: v for k, v in types.items() if k != head}
+
+
+def is_spot(node_config: dict) -> bool:
+    aws = node_config.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    scheduling = node_config.get("scheduling", {})
+    gcp = scheduling.get("preemptible") is True or scheduling.get("provisioningModel") == "SPOT"
+    return aws or gcp
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_head_runs_no_tasks_and_gpu_groups_scale_from_zero(name):
+    config = load(name)
+    _, head, workers = node_types(config)
+    assert head["resources"] == {"CPU": 0, "GPU": 0}
+    assert not is_spot(head["node_config"]), "the head must not be spot/preemptible"
+
+    gpu_groups = {k: v for k, v in workers.items() if v["resources"].get("GPU", 0) > 0}
+    assert gpu_groups, "a GPU worker node type"
+    for group in gpu_groups.values():
+        assert group["min_workers"] == 0
+        assert group["max_workers"] >= 1
+        assert is_spot(group["node_config"]), "GPU workers run on spot/preemptible capacity"
+    assert all(w.get("min_workers", 0) == 0 for w in workers.values())
+    assert config["max_workers"] >= max(w["max_workers"] for w in workers.values())
+    assert config["idle_timeout_minutes"] > 0
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_images_are_pinned_to_the_installed_ray(name):
+    docker = load(name)["docker"]
+    assert re.match(image_pattern("gpu"), docker["image"]), docker["image"]
+    assert re.match(image_pattern("cpu"), docker["head_image"]), docker["head_image"]
+    for node_type in load(name)["available_node_types"].values():
+        if "worker_image" in node_type.get("docker", {}):
+            assert re.match(image_pattern("any"), node_type["docker"]["worker_image"])
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_keeps_token_auth_and_the_dashboard_private(name):
+    config = load(name)
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for remote, local in config["file_mounts"].items():
+        if not local.startswith("~"):
+            assert (ROOT / local).is_file(), f"file_mounts {remote}: {local} (relative to the repo root)"
+    head_start = " ".join(config["head_start_ray_commands"])
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        starts = [c for c in commands if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts)
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in yaml.safe_dump(config)
+    assert all("RAY_AUTH_MODE=disabled" not in c for c in config["setup_commands"])
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_installs_only_pinned_dependencies_never_the_code(name):
+    config = load(name)
+    setup = " ".join(config["setup_commands"] + config["head_setup_commands"] + config["worker_setup_commands"])
+    assert "pip install --no-cache-dir -r ~/metaray-requirements.txt" in setup
+    for forbidden in ("git clone", "pip install -e", "pip install .", "metaray"):
+        assert forbidden not in setup.replace("metaray-requirements", ""), forbidden
+
+
+def test_documented_job_runtime_env_is_valid(monkeypatch):
+    """`ray job submit --runtime-env-json '{"pip": "cluster/requirements.txt", ...}'` from the repo root."""
+    from ray.runtime_env import RuntimeEnv
+
+    monkeypatch.chdir(ROOT)
+    env = RuntimeEnv(pip="cluster/requirements.txt", env_vars={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    assert env.to_dict()["pip"]["packages"] == requirements()
+
+
+def test_requirements_pin_every_project_dependency_but_ray():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = {canonicalize_name(Requirement(d).name): Requirement(d).specifier for d in project}
+    pins = [Requirement(line) for line in requirements()]
+    assert all(len(p.specifier) == 1 and next(iter(p.specifier)).operator == "==" for p in pins), pins
+    pinned = {canonicalize_name(p.name): next(iter(p.specifier)).version for p in pins}
+    assert "ray" not in pinned, "ray comes with the image, at the image's version"
+    assert set(pinned) == set(wanted) - {"ray"}
+    for name, version in pinned.items():
+        assert wanted[name].contains(version), f"{name}=={version} outside pyproject's {wanted[name]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay. A structural subset of the ray.io/v1 CRDs, written from KubeRay's API types
+# (ray-operator/apis/ray/v1/raycluster_types.go, rayjob_types.go) and its API reference
+# (authOptions: KubeRay >= 1.5.1, secretName >= 1.6): required fields, string-valued
+# rayStartParams, Kubernetes quantities, enums. The full CRD is not vendored here.
+
+_QUANTITY = {
+    "anyOf": [
+        {"type": "integer"},
+        {"type": "string", "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+                                      r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"},
+    ]
+}
+_POD_TEMPLATE = {
+    "type": "object",
+    "properties": {"spec": {
+        "type": "object",
+        "required": ["containers"],
+        "properties": {"containers": {"type": "array", "minItems": 1, "items": {
+            "type": "object",
+            "required": ["name", "image"],
+            "properties": {
+                "name": {"type": "string"},
+                "image": {"type": "string"},
+                "resources": {"type": "object", "additionalProperties": False, "properties": {
+                    "limits": {"type": "object", "additionalProperties": _QUANTITY},
+                    "requests": {"type": "object", "additionalProperties": _QUANTITY},
+                }},
+                "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"]}},
+            },
+        }}},
+    }},
+}
+_RAY_START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
+_REPLICAS = {"type": "integer", "minimum": 0}
+RAYCLUSTER_SPEC = {
+    "type": "object",
+    "required": ["headGroupSpec"],
+    "additionalProperties": False,
+    "properties": {
+        "rayVersion": {"type": "string"},
+        "authOptions": {"type": "object", "additionalProperties": False, "properties": {
+            "mode": {"enum": ["disabled", "token"]},
+            "secretName": {"type": "string"},
+            "enableK8sTokenAuth": {"type": "boolean"},
+        }},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "autoscalerOptions": {"type": "object", "properties": {
+            "idleTimeoutSeconds": {"type": "integer"},
+            "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+        }},
+        "suspend": {"type": "boolean"},
+        "managedBy": {"type": "string"},
+        "headServiceAnnotations": {"type": "object"},
+        "gcsFaultToleranceOptions": {"type": "object"},
+        "headGroupSpec": {
+            "type": "object",
+            "required": ["rayStartParams", "template"],
+            "properties": {
+                "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                "rayStartParams": _RAY_START_PARAMS,
+                "template": _POD_TEMPLATE,
+            },
+        },
+        "workerGroupSpecs": {"type": "array", "items": {
+            "type": "object",
+            "required": ["groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"],
+            "properties": {
+                "groupName": {"type": "string"},
+                "replicas": _REPLICAS,
+                "minReplicas": _REPLICAS,
+                "maxReplicas": _REPLICAS,
+                "rayStartParams": _RAY_START_PARAMS,
+                "template": _POD_TEMPLATE,
+            },
+        }},
+    },
+}
+RAYJOB_SPEC = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "entrypoint": {"type": "string"},
+        "runtimeEnvYAML": {"type": "string"},
+        "shutdownAfterJobFinishes": {"type": "boolean"},
+        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+        "backoffLimit": {"type": "integer", "minimum": 0},
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+        "rayClusterSpec": RAYCLUSTER_SPEC,
+        "clusterSelector": {"type": "object"},
+        "submitterPodTemplate": {"type": "object"},
+        "submitterConfig": {"type": "object"},
+        "metadata": {"type": "object"},
+        "jobId": {"type": "string"},
+        "entrypointResources": {"type": "string"},
+        "entrypointNumCpus": {"type": "number"},
+        "entrypointNumGpus": {"type": "number"},
+        "suspend": {"type": "boolean"},
+        "managedBy": {"type": "string"},
+        "deletionStrategy": {"type": "object"},
+    },
+}
+
+
+def manifest(kind: str, spec_schema: dict, path: str) -> dict:
+    doc = load(path)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind
+    assert doc["metadata"]["name"]
+    jsonschema.validate(doc["spec"], spec_schema)
+    return doc
+
+
+def check_ray_cluster_spec(spec: dict) -> None:
+    assert spec["rayVersion"] == ray_version()
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert re.match(image_pattern("cpu"), head_container["image"])
+    assert "nvidia.com/gpu" not in head_container["resources"]["limits"]
+
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in g["template"]["spec"]["containers"])]
+    assert gpu_groups, "a GPU worker group"
+    for group in gpu_groups:
+        assert group["minReplicas"] == 0
+        assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"] and group["maxReplicas"] >= 1
+        for container in group["template"]["spec"]["containers"]:
+            assert re.match(image_pattern("gpu"), container["image"])
+            resources = container["resources"]
+            assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
+            assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
+
+
+def test_kuberay_raycluster():
+    doc = manifest("RayCluster", RAYCLUSTER_SPEC, "kuberay/raycluster.yaml")
+    check_ray_cluster_spec(doc["spec"])
+    assert doc["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+
+
+def test_kuberay_rayjob():
+    from ray.runtime_env import RuntimeEnv
+
+    from orchestrator.config import load_config
+
+    doc = manifest("RayJob", RAYJOB_SPEC, "kuberay/rayjob.yaml")
+    spec = doc["spec"]
+    check_ray_cluster_spec(spec["rayClusterSpec"])
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] > 0
+
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert set(runtime_env) <= {"working_dir", "pip", "env_vars"} and runtime_env["working_dir"]
+    assert runtime_env["pip"] == requirements(), "keep the RayJob's pip list equal to cluster/requirements.txt"
+    RuntimeEnv(**runtime_env)  # Ray's own validation (URI form, pip list)
+
+    # The entrypoint is a valid metaray command: an existing config, overrides the config accepts.
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:4] == ["python", "-m", "orchestrator.cli", "train"]
+    config_path, rest = argv[4], argv[5:]
+    overrides = [rest[i + 1] for i in range(0, len(rest), 2) if rest[i] == "--set"]
+    assert len(overrides) * 2 == len(rest)
+    cfg = load_config(ROOT / config_path, overrides)
+    assert cfg.workers.address == "auto" and cfg.workers.mode == "ray"
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster/local_cluster.sh: argument checks (no Ray started)
+
+
+def run_script(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env if env is not None else script_env())
+
+
+def script_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's `ray`
+    return {**env, **extra}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["start", "--workers", "0"], "--workers must be 1..200, got '0'"),
+    (["start", "--cpus-per-worker", "half"], "--cpus-per-worker must be a whole number >= 1, got 'half'"),
+    (["start", "--head-ip", "127.0.0.1"], "--head-ip must be a loopback address other than 127.0.0.1"),
+    (["start", "--frobnicate", "1"], "unknown option '--frobnicate'"),
+    (["restart"], "unknown command 'restart'"),
+])
+def test_local_cluster_rejects_bad_arguments(tmp_path, args, message):
+    result = run_script(*args, "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_local_cluster_without_a_cluster(tmp_path):
+    state = ["--state-dir", str(tmp_path / "state")]
+    assert run_script("status", *state).returncode == 1
+    stop = run_script("stop", *state)
+    assert stop.returncode == 0 and "No local cluster to stop" in stop.stdout
+    assert run_script("address", *state).returncode == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster/local_cluster.sh: a real head + 2 workers
+
+PROBE = """
+import json, logging, sys
+import ray
+ray.init(address=sys.argv[1], logging_level=logging.ERROR)
+nodes = [{"alive": n["Alive"], "ip": n["NodeManagerAddress"], "resources": n["Resources"]} for n in ray.nodes()]
+
+@ray.remote(num_cpus=1)
+def where():
+    return ray.util.get_node_ip_address()
+
+placed = {i: ray.get(where.options(resources={f"node_{i}": 0.01}).remote(), timeout=120) for i in (1, 2)}
+print(json.dumps({"nodes": nodes, "placed": placed}))
+"""
+
+
+def read_state(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def processes_of(state: dict[str, str]) -> dict[int, str]:
+    """Live processes of the cluster: {pid: comm}. Same rule as the script: our marker in the
+    environment, or a session of one of the `ray start`s. Zombies (already dead) are left out."""
+    marker = f"METARAY_LOCAL_CLUSTER={state['id']}".encode()
+    sessions = set(state["sids"].split())
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+            if fields[0] == "Z":
+                continue
+            ours = fields[3] in sessions
+            if not ours:
+                ours = marker in (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue  # gone, or not ours to read
+        if ours:
+            found[int(proc.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
+    return found
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(sys.platform != "linux", reason="needs Linux: 127.0.0.x loopback addresses, /proc, setsid")
+def test_local_cluster_runs_three_nodes_and_stops_every_process_it_started(tmp_path):
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    state_dir = tmp_path / "state"
+    state_opt = ["--state-dir", str(state_dir)]
+    started: dict[int, str] = {}
+    state: dict[str, str] = {}
+    try:
+        start = run_script("start", "--workers", "2", "--cpus-per-worker", "1", "--token-file", str(token),
+                           *state_opt, timeout=240)
+        assert start.returncode == 0, start.stdout + start.stderr
+        state = read_state(state_dir / "cluster.env")
+        address = state["address"]
+        assert re.fullmatch(r"127\.0\.0\.2:\d+", address)
+        assert f"address:  {address}" in start.stdout
+        assert run_script("address", *state_opt).stdout.strip() == address
+
+        again = run_script("start", *state_opt)
+        assert again.returncode == 1 and "already running" in again.stderr
+
+        client_env = script_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        probe = subprocess.run([sys.executable, "-c", PROBE, address], capture_output=True, text=True,
+                               timeout=180, env=client_env)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        seen = json.loads(probe.stdout.strip().splitlines()[-1])
+        nodes = {n["ip"]: n for n in seen["nodes"]}
+        assert sorted(nodes) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        assert all(n["alive"] for n in nodes.values())
+        head = nodes["127.0.0.2"]["resources"]
+        assert head.get("CPU", 0) == 0 and head.get("GPU", 0) == 0 and "node:__internal_head__" in head
+        for i, ip in ((1, "127.0.0.3"), (2, "127.0.0.4")):
+            assert nodes[ip]["resources"]["CPU"] == 1 and nodes[ip]["resources"][f"node_{i}"] == 1
+            assert seen["placed"][str(i)] == ip  # node_<i> places work on worker node i
+
+        status = run_script("status", *state_opt)
+        assert status.returncode == 0 and address in status.stdout
+
+        started = processes_of(state)
+        names = sorted(started.values())
+        assert names.count("raylet") == 3 and names.count("gcs_server") == 1, names
+        # The script's own record of what it started is a subset of what the rule finds now.
+        assert {int(p) for p in state["pids"].split()} <= set(started)
+    finally:
+        stop = run_script("stop", *state_opt, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert processes_of(state) == {}, "processes of the cluster survived 'stop'"
+    assert not (state_dir / "cluster.env").exists()
+    assert not Path(state["ray_temp_dir"]).exists()
+    assert run_script("status", *state_opt).returncode == 1
