@@ -151,11 +151,13 @@ class OuterConfig(Strict):
 
 
 class FaultInjection(Strict):
-    """Make one worker fail on purpose (tests, drills): at ``step`` the worker with index ``worker`` exits."""
+    """Make one worker fail on purpose (tests, drills): at ``step`` the worker with index ``worker`` exits,
+    or (``sleep``) becomes a straggler for ``seconds``."""
 
     worker: NonNegativeInt
     step: NonNegativeInt
-    action: Literal["exit"] = "exit"
+    action: Literal["exit", "sleep"] = "exit"
+    seconds: PositiveFloat = 30.0
 
 
 class WorkersConfig(Strict):
@@ -170,7 +172,20 @@ class WorkersConfig(Strict):
     """Ray cluster address; None starts Ray embedded on this machine."""
     max_restarts: int = Field(-1, ge=-1)
     """Restarts per actor (-1: unlimited)."""
+    shares: PositiveInt | None = None
+    """Pieces each meta-batch is cut into (default num_workers). Fixed for a run, so a step's result does not
+    depend on how many workers are alive; workers take shares from a queue."""
+    max_workers: PositiveInt | None = None
+    """Elastic: grow up to this many workers at step boundaries when the cluster has room (default num_workers)."""
+    straggler_deadline_s: PositiveFloat | None = None
+    """A share still running after this long is also given to an idle worker; the first result wins."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where workers compute: auto = cuda when num_gpus > 0 and a GPU is visible."""
     fault_injection: FaultInjection | None = None
+
+    @property
+    def share_count(self) -> int:
+        return self.shares or self.num_workers
 
 
 class EvalConfig(Strict):

@@ -1,12 +1,22 @@
 """Worker groups: who computes the shares of a meta-step.
 
-``WorkerGroup`` owns the TaskWorker Ray actors: it starts them (resources from
-config), broadcasts θ once per call through the object store, dispatches one
-share per worker, and re-dispatches a share whose worker died to another worker
-(actors restart themselves, ``max_restarts=-1``). Ray never retries a task by
-itself (``max_task_retries=0``): the group decides, which keeps every share
-computed exactly once in the result. Results come back in share order, so the
-sum is deterministic. A worker's own exception is re-raised as itself.
+``WorkerGroup`` owns the TaskWorker Ray actors and everything about their
+lifetimes: it starts them (resources from config, spread over nodes),
+broadcasts θ once per call through the object store, hands shares out from a
+queue to idle workers, and
+
+- re-queues a share whose worker died (actors restart themselves,
+  ``max_restarts=-1``; Ray never retries a task itself, ``max_task_retries=0``,
+  so the group decides and every share lands in the result exactly once);
+- after ``straggler_deadline_s`` also gives a still-running share to an idle
+  worker; the first result wins (episodes are seed-addressed, so both are equal);
+- at step boundaries (``maintain``) takes restarted workers back, drops workers
+  whose node is gone for good, and grows to ``max_workers`` when the cluster
+  has room (elastic).
+
+Results come back in share order, so the sum is deterministic, and the number
+of shares is fixed by config, so it does not depend on how many workers are
+alive. A worker's own exception is re-raised as itself.
 
 ``LocalGroup`` runs the same TaskWorker in this process with the same shares:
 the reference the Ray path is tested against, and a debugging mode.
@@ -19,6 +29,7 @@ import math
 import os
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +56,7 @@ class CallTiming:
 @dataclass
 class FaultLog:
     count: int = 0
+    stragglers: int = 0
     events: list[str] = field(default_factory=list)
 
     def add(self, what: str) -> None:
@@ -57,7 +69,7 @@ class LocalGroup:
     """The in-process reference: one TaskWorker, the same shares as the Ray group, in order."""
 
     def __init__(self, cfg: Config):
-        self.size = cfg.workers.num_workers
+        self.size = 1
         self.worker = TaskWorker(cfg.model_dump(mode="json"), 0)
         self.faults = FaultLog()
         self.timing = CallTiming()
@@ -67,6 +79,9 @@ class LocalGroup:
         out = [getattr(self.worker, method)(theta, share, *args) for share in shares]
         self.timing = CallTiming(0.0, time.perf_counter() - start, time.perf_counter() - start)
         return out
+
+    def maintain(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -93,98 +108,215 @@ def connect(cfg: Config) -> bool:
         ray.init(address=w.address, logging_level=logging.WARNING, log_to_driver=True)
         return True
     # Embedded: reserve enough logical CPUs for every worker even on a small laptop (they then share cores).
-    cpus = max(os.cpu_count() or 1, math.ceil(w.num_workers * w.num_cpus))
+    cpus = max(os.cpu_count() or 1, math.ceil(max(w.num_workers, w.max_workers or 0) * w.num_cpus))
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
              _node_ip_address="127.0.0.1")
     return True
 
 
+@dataclass
+class _Slot:
+    """One worker actor and what the group knows about it."""
+
+    index: int
+    actor: Any
+    state: str = "starting"  # starting -> ready; ready -> suspect (a call failed) -> ready or dropped
+    incarnation: str | None = None
+    probe: Any = None  # pending ready() call while starting or suspect
+    since: float = field(default_factory=time.monotonic)
+
+
 class WorkerGroup:
     """Owns the TaskWorker actors of a run."""
 
+    # A worker that cannot be restarted for this long (its node is gone, no room elsewhere) is dropped.
+    DROP_AFTER_S = 60.0
+    # How long a call waits for any worker to come back when every worker is down.
+    REVIVE_TIMEOUT_S = 300.0
+
     def __init__(self, cfg: Config):
         self._started_ray = connect(cfg)
-        w = cfg.workers
-        self._actor_cls = ray.remote(_RayTaskWorker).options(
-            num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=w.max_restarts, max_task_retries=0
-        )
+        self._w = cfg.workers
         self._config = cfg.model_dump(mode="json")
-        self.actors = [self._actor_cls.remote(self._config, i) for i in range(w.num_workers)]
+        self._actor_cls = ray.remote(_RayTaskWorker).options(
+            num_cpus=self._w.num_cpus, num_gpus=self._w.num_gpus, max_restarts=self._w.max_restarts,
+            max_task_retries=0, scheduling_strategy="SPREAD")
         self.faults = FaultLog()
         self.timing = CallTiming()
-        self._incarnation: list[str | None] = [None] * len(self.actors)
-        self._restart_counted = [False] * len(self.actors)
-        for i, ref in enumerate([a.ready.remote() for a in self.actors]):
+        self._slots: list[_Slot] = []
+        self._next_index = 0
+        self._last_growth_check = 0.0
+        for _ in range(self._w.num_workers):
+            self._spawn()
+        for slot in self._slots:
             try:
-                self._incarnation[i] = ray.get(ref)
+                slot.incarnation = ray.get(slot.probe)
             except RayActorError as e:
                 self.close()
-                raise RuntimeError(f"worker {i} failed to start: {_actor_cause(e)}") from None
+                raise RuntimeError(f"worker {slot.index} failed to start: {_actor_cause(e)}") from None
+            slot.state, slot.probe = "ready", None
 
     @property
     def size(self) -> int:
-        return len(self.actors)
+        """Workers currently taking shares."""
+        return sum(s.state == "ready" for s in self._slots)
+
+    @property
+    def actors(self) -> list[Any]:
+        return [s.actor for s in self._slots]
+
+    def _spawn(self) -> _Slot:
+        slot = _Slot(self._next_index, self._actor_cls.remote(self._config, self._next_index))
+        slot.probe = slot.actor.ready.remote()
+        self._next_index += 1
+        self._slots.append(slot)
+        return slot
+
+    # -- one call ---------------------------------------------------------------------------------------
 
     def map(self, method: str, theta: np.ndarray, shares: list[EpisodeIds], *args: Any) -> list[Any]:
         """Run ``method(theta, share, *args)`` for every share on the workers; results in share order."""
         start = time.perf_counter()
         theta_ref = ray.put(theta)
         put_s = time.perf_counter() - start
-        pending: dict[ray.ObjectRef, tuple[int, int, int]] = {}  # ref -> (share, worker, attempt)
-
-        def dispatch(share: int, worker: int, attempt: int) -> None:
-            actor = self.actors[worker]
-            pending[getattr(actor, method).remote(theta_ref, shares[share], *args)] = (share, worker, attempt)
-
-        for k in range(len(shares)):
-            dispatch(k, k % self.size, 0)
+        queue = deque(range(len(shares)))
         results: list[Any] = [None] * len(shares)
-        while pending:
-            (done,), _ = ray.wait(list(pending), num_returns=1)
-            share, worker, attempt = pending.pop(done)
+        done = [False] * len(shares)
+        running: dict[Any, tuple[int, _Slot, float]] = {}  # ref -> (share, slot, started)
+        copies = [0] * len(shares)
+        idle = deque(s for s in self._slots if s.state == "ready")
+        deadline = self._w.straggler_deadline_s
+
+        def submit(share: int, slot: _Slot) -> None:
+            ref = getattr(slot.actor, method).remote(theta_ref, shares[share], *args)
+            running[ref] = (share, slot, time.monotonic())
+            copies[share] += 1
+
+        while not all(done):
+            while queue and idle:
+                submit(queue.popleft(), idle.popleft())
+            if not running:
+                idle.extend(self._revive_any())  # every worker is down: wait for one to come back
+                continue
+            timeout = None
+            if deadline is not None and idle:
+                starts = [t for (k, _, t) in running.values() if not done[k] and copies[k] == 1]
+                if starts:
+                    timeout = max(0.0, min(starts) + deadline - time.monotonic())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
+            if not ready:
+                self._duplicate_stragglers(running, done, copies, idle, deadline, submit)
+                continue
+            share, slot, _ = running.pop(ready[0])
+            copies[share] -= 1
             try:
-                results[share] = ray.get(done)
+                value = ray.get(ready[0])
             except RayTaskError as e:
                 raise e.as_instanceof_cause() from None  # the worker's own error, not Ray's wrapper
             except RayActorError as e:
-                self.faults.add(f"worker {worker} died during {method} of step {shares[share].step} "
-                                f"(share {share}): {type(e).__name__}")
-                self._restart_counted[worker] = True
-                if attempt + 1 >= 3 * self.size:
-                    raise RuntimeError(f"share {share} of step {shares[share].step} failed on {attempt + 1} "
-                                       f"attempts; last error: {_actor_cause(e)}") from None
-                dispatch(share, (worker + 1 + attempt) % self.size, attempt + 1)
+                self._suspect(slot, f"worker {slot.index} died during {method} of step {shares[share].step} "
+                                    f"(share {share}): {type(e).__name__}")
+                if not done[share] and copies[share] == 0:
+                    queue.appendleft(share)
                 continue
-            self._note_incarnation(worker, getattr(results[share], "incarnation", None))
+            if not done[share]:
+                results[share], done[share] = value, True
+            self._note_incarnation(slot, getattr(value, "incarnation", None))
+            idle.append(slot)
         self.timing = CallTiming(put_s, time.perf_counter() - start - put_s, time.perf_counter() - start)
         return results
 
-    def node_ids(self) -> list[str]:
-        return ray.get([a.node_id.remote() for a in self.actors])
+    def _duplicate_stragglers(self, running, done, copies, idle, deadline, submit) -> None:
+        now = time.monotonic()
+        for share, slot, started in list(running.values()):
+            if idle and not done[share] and copies[share] == 1 and now - started >= deadline:
+                self.faults.stragglers += 1
+                log.warning("worker %d still on share %d after %.1f s: also giving it to worker %d",
+                            slot.index, share, now - started, idle[0].index)
+                submit(share, idle.popleft())
 
-    def _note_incarnation(self, worker: int, incarnation: str | None) -> None:
-        # An actor killed between calls restarts silently; a new incarnation id is how we notice.
-        if incarnation is None or incarnation == self._incarnation[worker]:
+    def _suspect(self, slot: _Slot, what: str) -> None:
+        self.faults.add(what)
+        slot.state, slot.since = "suspect", time.monotonic()
+        slot.probe = slot.actor.ready.remote()  # resolves once Ray has restarted the actor
+
+    def _revive_any(self) -> list[_Slot]:
+        pending = {s.probe: s for s in self._slots if s.state in ("suspect", "starting") and s.probe is not None}
+        if not pending:
+            raise RuntimeError("no workers left: every worker was dropped; check the cluster's capacity")
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.REVIVE_TIMEOUT_S)
+        if not ready:
+            raise RuntimeError(f"no worker came back within {self.REVIVE_TIMEOUT_S:.0f} s")
+        self._settle(pending[ready[0]])
+        return [s for s in self._slots if s.state == "ready"]
+
+    def _settle(self, slot: _Slot) -> None:
+        """Resolve a finished ready() probe: the worker is back (or started), or gone for good."""
+        try:
+            incarnation = ray.get(slot.probe)
+        except RayActorError as e:
+            log.warning("worker %d is gone for good (%s); continuing without it", slot.index, _actor_cause(e))
+            self._slots.remove(slot)
             return
-        if not self._restart_counted[worker]:
-            self.faults.add(f"worker {worker} was restarted")
-        self._incarnation[worker] = incarnation
-        self._restart_counted[worker] = False
+        if slot.state == "starting" and slot.incarnation is None and slot.index >= self._w.num_workers:
+            log.warning("worker %d joined (elastic): %d workers", slot.index, self.size + 1)
+        slot.state, slot.probe, slot.incarnation = "ready", None, incarnation
+
+    def _note_incarnation(self, slot: _Slot, incarnation: str | None) -> None:
+        # An actor killed between calls restarts silently; a new incarnation id is how we notice.
+        if incarnation is None or incarnation == slot.incarnation:
+            return
+        if slot.incarnation is not None and slot.state != "suspect":
+            self.faults.add(f"worker {slot.index} was restarted")
+        slot.incarnation = incarnation
+
+    # -- between steps ----------------------------------------------------------------------------------
+
+    def maintain(self) -> None:
+        """At a step boundary: take back restarted workers, drop lost ones, grow when there is room."""
+        now = time.monotonic()
+        for slot in list(self._slots):
+            if slot.probe is None:
+                continue
+            ready, _ = ray.wait([slot.probe], timeout=0)
+            if ready:
+                self._settle(slot)
+            elif now - slot.since > self.DROP_AFTER_S and slot.state == "suspect":
+                log.warning("worker %d has not come back in %.0f s (its node is gone?); dropping it",
+                            slot.index, now - slot.since)
+                ray.kill(slot.actor, no_restart=True)
+                self._slots.remove(slot)
+        self._grow(now)
+
+    def _grow(self, now: float) -> None:
+        target = self._w.max_workers or self._w.num_workers
+        if len(self._slots) >= target or now - self._last_growth_check < 1.0:
+            return
+        self._last_growth_check = now
+        free = ray.available_resources()
+        room = math.floor(free.get("CPU", 0.0) / self._w.num_cpus + 1e-9)
+        if self._w.num_gpus:
+            room = min(room, math.floor(free.get("GPU", 0.0) / self._w.num_gpus + 1e-9))
+        for _ in range(min(room, target - len(self._slots))):
+            self._spawn()
+
+    def node_ids(self) -> list[str]:
+        return ray.get([s.actor.node_id.remote() for s in self._slots if s.state == "ready"])
 
     def close(self) -> None:
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
-        self.actors = []
+        for s in self._slots:
+            ray.kill(s.actor, no_restart=True)
+        self._slots = []
         if self._started_ray:
             ray.shutdown()
 
 
 def _actor_cause(e: RayActorError) -> str:
-    text = str(e)
     # Ray's message carries the constructor's traceback; its last non-empty line names the original error.
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return lines[-1] if lines else type(e).__name__
 
 
 def make_group(cfg: Config) -> LocalGroup | WorkerGroup:
     return WorkerGroup(cfg) if cfg.workers.mode == "ray" else LocalGroup(cfg)
+

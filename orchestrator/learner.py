@@ -48,9 +48,10 @@ class CentralLearner:
 
     def meta_step(self) -> dict[str, float]:
         """Run meta-step ``self.step`` and return its metrics (namespaced for tracking)."""
+        self.group.maintain()  # step boundary: restarted, lost and newly joined workers
         start = time.perf_counter()
         ids = EpisodeIds(self.cfg.run.seed, self.step, tuple(range(self.cfg.outer.meta_batch_size)))
-        results = self.group.map("meta_gradient", self.theta(), ids.split(self.group.size))
+        results = self.group.map("meta_gradient", self.theta(), ids.split(self.cfg.workers.share_count))
         agg = aggregate(results)
         opt_start = time.perf_counter()
         if agg.grad is None:
@@ -78,6 +79,8 @@ class CentralLearner:
             "perf/dispatch_get_s": max(0.0, timing.wait_s - agg.compute_s),
             "perf/optimizer_s": end - opt_start,
             "orchestrator/faults": float(self.group.faults.count),
+            "orchestrator/stragglers": float(self.group.faults.stragglers),
+            "orchestrator/workers": float(self.group.size),
             "orchestrator/dropped_tasks": float(agg.dropped),
             "orchestrator/skipped_steps": float(self.skipped_steps),
         })

@@ -30,6 +30,7 @@ class TaskWorker:
         self.cfg: Config = parse_config(config)
         self.index = index
         self.incarnation = uuid.uuid4().hex
+        self.device = _device(self.cfg)
         self.algorithm = build_algorithm(self.cfg)
         self.spec = ParamSpec.of(self.algorithm.init_params(0))
         self._sources: dict[tuple[str, str | None], TaskSource] = {}
@@ -43,20 +44,20 @@ class TaskWorker:
         self._maybe_fail(ids)
         start = time.perf_counter()
         params = self._params(theta)
-        summed = self.algorithm.meta_gradient(params, self._source("train").sample(ids))
-        grad = self.spec.flatten(summed.grads).detach().numpy().astype(np.float32, copy=False)
+        summed = self.algorithm.meta_gradient(params, self._source("train").sample(ids).to(self.device))
+        grad = self.spec.flatten(summed.grads).detach().cpu().numpy().astype(np.float32, copy=False)
         return TaskResult(grad, summed.stats, summed.tasks, summed.dropped, time.perf_counter() - start,
                           self.index, self.incarnation)
 
     def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None) -> dict[str, np.ndarray]:
         """Per-episode query loss (and metrics) after 0..``steps`` adaptation steps: ``[len(ids), steps + 1]``."""
-        batch = self._source("eval", probe).sample(ids)
+        batch = self._source("eval", probe).sample(ids).to(self.device)
         out = adaptation_curves(self.algorithm, self._params(theta), batch, steps, lr)
-        return {k: v.detach().numpy() for k, v in out.items()}
+        return {k: v.detach().cpu().numpy() for k, v in out.items()}
 
     def _params(self, theta: np.ndarray) -> dict[str, torch.Tensor]:
         # Arrays from Ray's object store are read-only views; torch needs its own writable copy.
-        return self.spec.unflatten(torch.tensor(theta, dtype=torch.float32))
+        return self.spec.unflatten(torch.tensor(theta, dtype=torch.float32, device=self.device))
 
     def _source(self, split: str, probe: str | None = None) -> TaskSource:
         key = (split, probe)
@@ -71,3 +72,17 @@ class TaskWorker:
             return
         if fault.action == "exit":
             os._exit(1)  # the process dies mid-step, as a crashed or OOM-killed worker would
+        time.sleep(fault.seconds)  # a straggler: slow, but its result is still correct
+
+
+def _device(cfg: Config) -> torch.device:
+    """Where this worker computes; a fractional GPU share also caps this process's GPU memory."""
+    w = cfg.workers
+    if w.device == "cpu" or (w.device == "auto" and (w.num_gpus == 0 or not torch.cuda.is_available())):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("workers.device is cuda but this worker sees no GPU; set workers.num_gpus > 0")
+    if 0 < w.num_gpus < 1:
+        # Fractional GPUs in Ray are only a scheduling promise: enforce the share of memory ourselves.
+        torch.cuda.set_per_process_memory_fraction(w.num_gpus)
+    return torch.device("cuda")

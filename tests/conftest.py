@@ -31,15 +31,23 @@ def mlflow_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A real embedded Ray (token auth on, as by default), shared by the integration tests."""
+def _ray_session():
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session):
+    """A real embedded Ray (token auth on, as by default), shared by the tests until one needs another cluster."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING,
                  _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture

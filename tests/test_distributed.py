@@ -1,5 +1,7 @@
 """Real Ray: distributed == in-process, determinism, surviving dead workers, the worker's own errors."""
 
+import time
+
 import numpy as np
 import pytest
 import ray
@@ -123,3 +125,16 @@ def test_diverging_inner_loops_never_reach_theta(tmp_path):
     assert result.skipped_steps == sum(d == 8 for d in dropped)
     if result.skipped_steps == len(dropped):
         assert torch.equal(flat(result.params), flat(init))
+
+
+def test_straggler_is_overtaken_after_the_deadline_and_changes_nothing(tmp_path):
+    clean = train(tiny_config(tmp_path / "clean", workers={"mode": "ray", "num_workers": 2}), evaluate=False)
+    slow_cfg = tiny_config(tmp_path / "slow", workers={
+        "mode": "ray", "num_workers": 2, "straggler_deadline_s": 0.5,
+        "fault_injection": {"worker": 1, "step": 2, "action": "sleep", "seconds": 60}})
+    started = time.monotonic()
+    slow = train(slow_cfg, evaluate=False)
+    elapsed = time.monotonic() - started
+    assert elapsed < 45, "the run waited for the straggler instead of overtaking it"
+    assert slow.history["orchestrator/stragglers"][-1] >= 1
+    assert torch.equal(flat(clean.params), flat(slow.params))

@@ -1,0 +1,118 @@
+"""A real multi-node Ray cluster on this machine (head + 2 worker nodes on 127.0.0.x): placement, node loss, growth.
+
+Each test starts its own cluster with ``ray.cluster_utils.Cluster`` (real raylets; the head has no CPUs, like a
+real cluster) and connects to it; the session's embedded Ray is shut down first and comes back for later tests.
+"""
+
+import threading
+import time
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+from orchestrator.build import build_algorithm
+from orchestrator.group import LocalGroup, WorkerGroup
+from orchestrator.learner import CentralLearner
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.cluster
+
+# Fast node-death detection so a killed raylet is noticed in about a second.
+FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300, "health_check_failure_threshold": 3}
+
+
+@pytest.fixture
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.2",
+                                                       "_system_config": FAST_HEALTH})
+    nodes = [c.add_node(num_cpus=1, node_ip_address=f"127.0.0.{3 + i}") for i in range(2)]
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def flat(params):
+    return torch.cat([v.reshape(-1) for v in params.values()])
+
+
+def reference(tmp_path, steps, shares):
+    cfg = tiny_config(tmp_path / "ref", workers={"mode": "inprocess", "num_workers": 1, "shares": shares})
+    learner = CentralLearner(cfg, build_algorithm(cfg).init_params(0), LocalGroup(cfg))
+    for _ in range(steps):
+        learner.meta_step()
+    return flat(learner.params)
+
+
+def test_workers_land_on_both_worker_nodes_and_match_in_process(cluster, tmp_path):
+    c, nodes = cluster
+    cfg = tiny_config(tmp_path, workers={"mode": "ray", "num_workers": 2, "address": c.address})
+    group = WorkerGroup(cfg)
+    try:
+        placed = set(group.node_ids())
+        learner = CentralLearner(cfg, build_algorithm(cfg).init_params(0), group)
+        for _ in range(5):
+            learner.meta_step()
+    finally:
+        group.close()
+    assert placed == {n.node_id for n in nodes}
+    assert ray.is_initialized()  # the group did not shut down a cluster it did not start
+    ref = reference(tmp_path, 5, shares=2)
+    assert float((flat(learner.params) - ref).norm() / ref.norm()) <= 1e-6
+
+
+def test_losing_a_worker_node_mid_step_changes_nothing(cluster, tmp_path):
+    c, nodes = cluster
+    # Worker 1 is held up in step 2 while its node dies under it.
+    cfg = tiny_config(tmp_path, workers={"mode": "ray", "num_workers": 2, "address": c.address,
+                                         "fault_injection": {"worker": 1, "step": 2, "action": "sleep",
+                                                             "seconds": 30}})
+    group = WorkerGroup(cfg)
+    try:
+        victim = nodes[[n.node_id for n in nodes].index(ray.get(group.actors[1].node_id.remote()))]
+        learner = CentralLearner(cfg, build_algorithm(cfg).init_params(0), group)
+        for _ in range(2):
+            learner.meta_step()
+        killer = threading.Timer(1.0, lambda: c.remove_node(victim, allow_graceful=False))
+        killer.start()
+        started = time.monotonic()
+        for _ in range(4):
+            metrics = learner.meta_step()
+        killer.join()
+        elapsed = time.monotonic() - started
+    finally:
+        group.close()
+    assert group.faults.count >= 1 and any("worker 1 died" in e for e in group.faults.events)
+    assert metrics["orchestrator/faults"] >= 1
+    assert elapsed < 25, "the step waited for the dead node instead of recomputing its share"
+    ref = reference(tmp_path, 6, shares=2)
+    assert float((flat(learner.params) - ref).norm() / ref.norm()) <= 1e-6
+
+
+def test_a_node_joining_mid_run_adds_a_worker_at_a_step_boundary(cluster, tmp_path):
+    c, _ = cluster
+    cfg = tiny_config(tmp_path, workers={"mode": "ray", "num_workers": 2, "max_workers": 3, "shares": 3,
+                                         "address": c.address})
+    group = WorkerGroup(cfg)
+    sizes = []
+    try:
+        learner = CentralLearner(cfg, build_algorithm(cfg).init_params(0), group)
+        for _ in range(2):
+            learner.meta_step()
+            sizes.append(group.size)
+        c.add_node(num_cpus=1, node_ip_address="127.0.0.5")
+        deadline = time.monotonic() + 120
+        while group.size < 3 and time.monotonic() < deadline:
+            learner.meta_step()
+            sizes.append(group.size)
+        steps = learner.step
+    finally:
+        group.close()
+    assert sizes[:2] == [2, 2] and sizes[-1] == 3
+    ref = reference(tmp_path, steps, shares=3)
+    assert float((flat(learner.params) - ref).norm() / ref.norm()) <= 1e-6
