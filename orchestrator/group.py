@@ -27,10 +27,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,16 +89,40 @@ class LocalGroup:
         pass
 
 
+STORE_MISSING = "metaray: image store not on this node"
+
+
 class _RayTaskWorker(TaskWorker):
-    def __init__(self, config: dict[str, Any], index: int):
+    def __init__(self, config: dict[str, Any], index: int, shipped: list | None = None):
         # A restart re-runs this constructor; fault injection fires only in the first incarnation.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # raised by Ray's own property internals
             restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        super().__init__(config, index, restarted=restarted)
+        super().__init__(config, index, restarted=restarted, store_path=_local_store(config, shipped))
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def store_path(self) -> str | None:
+        return getattr(self.cfg.task, "store", None)
+
+
+def _local_store(config: dict[str, Any], shipped: list | None) -> str | None:
+    """The image store as this node sees it: the configured path if it is here, else a node-local copy of the
+    bytes the learner shipped through the object store (written once per node, atomically)."""
+    path = (config.get("task") or {}).get("store")
+    if path is None or os.path.exists(path):
+        return None
+    if not shipped:
+        raise FileNotFoundError(f"{STORE_MISSING}: {path} (node {ray.get_runtime_context().get_node_id()[:8]})")
+    ref, content_hash = shipped
+    cache = Path(tempfile.gettempdir()) / "metaray-data" / f"{content_hash.replace(':', '-')}.arrow"
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_bytes(ray.get(ref))
+        os.replace(tmp, cache)
+    return str(cache)
 
 
 def connect(cfg: Config) -> bool:
@@ -123,6 +149,7 @@ class _Slot:
     state: str = "starting"  # starting -> ready; ready -> suspect (a call failed) -> ready or dropped
     incarnation: str | None = None
     probe: Any = None  # pending ready() call while starting or suspect
+    shipped: bool = False  # started with the image store's bytes at hand
     since: float = field(default_factory=time.monotonic)
 
 
@@ -146,15 +173,34 @@ class WorkerGroup:
         self._slots: list[_Slot] = []
         self._next_index = 0
         self._last_growth_check = 0.0
+        self._store = getattr(cfg.task, "store", None)
+        self._shipped: list | None = None  # [object ref of the store's bytes, content hash] once shipped
         for _ in range(self._w.num_workers):
             self._spawn()
-        for slot in self._slots:
-            try:
-                slot.incarnation = ray.get(slot.probe)
-            except RayActorError as e:
-                self.close()
-                raise RuntimeError(f"worker {slot.index} failed to start: {_actor_cause(e)}") from None
-            slot.state, slot.probe = "ready", None
+        for slot in list(self._slots):
+            self._start(slot)
+
+    def _start(self, slot: _Slot) -> None:
+        try:
+            slot.incarnation = ray.get(slot.probe)
+        except RayActorError as e:
+            if STORE_MISSING in str(e) and not slot.shipped:
+                self._ship_store()
+                self._slots.remove(slot)
+                return self._start(self._spawn(slot.index))
+            self.close()
+            raise RuntimeError(f"worker {slot.index} failed to start: {_actor_cause(e)}") from None
+        slot.state, slot.probe = "ready", None
+
+    def _ship_store(self) -> None:
+        """Some node lacks the image store (no shared filesystem): put it in the object store once."""
+        from tasks.store import ImageStore
+
+        if self._shipped is not None:
+            return
+        content_hash = ImageStore.open(self._store).content_hash
+        log.warning("image store %s is not on every node: shipping it through the object store", self._store)
+        self._shipped = [ray.put(Path(self._store).read_bytes()), content_hash]
 
     @property
     def size(self) -> int:
@@ -165,11 +211,13 @@ class WorkerGroup:
     def actors(self) -> list[Any]:
         return [s.actor for s in self._slots]
 
-    def _spawn(self) -> _Slot:
-        slot = _Slot(self._next_index, self._actor_cls.remote(self._config, self._next_index))
+    def _spawn(self, index: int | None = None) -> _Slot:
+        if index is None:
+            index, self._next_index = self._next_index, self._next_index + 1
+        slot = _Slot(index, self._actor_cls.remote(self._config, index, self._shipped), shipped=self._shipped is not None)
         slot.probe = slot.actor.ready.remote()
-        self._next_index += 1
         self._slots.append(slot)
+        self._slots.sort(key=lambda s: s.index)
         return slot
 
     # -- one call ---------------------------------------------------------------------------------------
@@ -255,8 +303,12 @@ class WorkerGroup:
         try:
             incarnation = ray.get(slot.probe)
         except RayActorError as e:
-            log.warning("worker %d is gone for good (%s); continuing without it", slot.index, _actor_cause(e))
             self._slots.remove(slot)
+            if STORE_MISSING in str(e) and not slot.shipped:
+                self._ship_store()  # a node that joined later has no copy of the data
+                self._spawn(slot.index)
+                return
+            log.warning("worker %d is gone for good (%s); continuing without it", slot.index, _actor_cause(e))
             return
         if slot.state == "starting" and slot.incarnation is None and slot.index >= self._w.num_workers:
             log.warning("worker %d joined (elastic): %d workers", slot.index, self.size + 1)

@@ -26,8 +26,10 @@ from tasks.episode import EpisodeIds, TaskSource
 
 
 class TaskWorker:
-    def __init__(self, config: dict[str, Any], index: int, restarted: bool = False):
+    def __init__(self, config: dict[str, Any], index: int, restarted: bool = False, store_path: str | None = None):
         self.cfg: Config = parse_config(config)
+        if store_path is not None:  # this node reads the image store from a local copy
+            self.cfg = self.cfg.model_copy(update={"task": self.cfg.task.model_copy(update={"store": store_path})})
         self.index = index
         self.incarnation = uuid.uuid4().hex
         self.device = _device(self.cfg)

@@ -116,3 +116,40 @@ def test_a_node_joining_mid_run_adds_a_worker_at_a_step_boundary(cluster, tmp_pa
     assert sizes[:2] == [2, 2] and sizes[-1] == 3
     ref = reference(tmp_path, steps, shares=3)
     assert float((flat(learner.params) - ref).norm() / ref.norm()) <= 1e-6
+
+
+def test_image_store_missing_on_the_nodes_is_shipped_once_per_node(tmp_path, monkeypatch):
+    """Workers run in a Ray working_dir package without the data (as after `ray job submit --working-dir`):
+    the store reaches them through the object store, one copy per node."""
+    from image_layouts import omniglot_folder
+
+    from tasks.omniglot import convert_omniglot
+
+    folder = omniglot_folder(tmp_path / "src", {"Alpha": 4, "Beta": 4}, drawings=4)
+    convert_omniglot([folder], tmp_path / "driver" / "omni.arrow", size=16)
+    monkeypatch.chdir(tmp_path / "driver")
+    empty = tmp_path / "code"
+    empty.mkdir()
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.2"})
+    try:
+        for i in range(2):
+            c.add_node(num_cpus=1, node_ip_address=f"127.0.0.{3 + i}")
+        ray.init(address=c.address, log_to_driver=False, runtime_env={"working_dir": str(empty)})
+        cfg = tiny_config(tmp_path, task={"family": "images", "store": "omni.arrow", "n_way": 2, "k_shot": 1,
+                                          "query": 2, "split": {"by": "class", "train": 0.5, "test": 0.5}},
+                          model={"backbone": "conv4"}, algorithm={"name": "protonet"},
+                          workers={"mode": "ray", "num_workers": 2, "address": c.address})
+        group = WorkerGroup(cfg)
+        try:
+            paths = ray.get([a.store_path.remote() for a in group.actors])
+            learner = CentralLearner(cfg, build_algorithm(cfg).init_params(0), group)
+            learner.meta_step()
+        finally:
+            group.close()
+    finally:
+        ray.shutdown()
+        c.shutdown()
+    assert all(p != "omni.arrow" and "metaray-data" in p for p in paths)
+    assert len(set(paths)) == 1  # same content hash, same node-local file name
