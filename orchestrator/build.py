@@ -26,7 +26,7 @@ from tasks.sine import SineTasks
 
 # Per-task strategy when algorithm.strategy is "auto", keyed by (backbone, second order), measured on this
 # project's 2-core CPU (benchmarks/sine_throughput.py, benchmarks/fewshot_throughput.py).
-AUTO_STRATEGY = {("mlp", False): "vmap", ("mlp", True): "vmap", ("conv4", False): "vmap", ("conv4", True): "loop"}
+AUTO_STRATEGY = {("mlp", False): "vmap", ("mlp", True): "vmap", ("conv4", False): "loop", ("conv4", True): "loop"}
 
 Split = Literal["train", "eval"]
 
@@ -57,7 +57,7 @@ def build_model(cfg: Config) -> tuple[nn.Module, Objective, int]:
         from tasks.store import ImageStore
 
         channels, height, _ = ImageStore.open(cfg.task.store).image_shape
-        return Conv4(channels, height, cfg.task.n_way), CrossEntropy(), channels * height * height
+        return Conv4(channels, height, cfg.task.n_way, cfg.model.width), CrossEntropy(), channels * height * height
 
 
 def _second_order(cfg: Config) -> bool:

@@ -126,6 +126,8 @@ class ModelConfig(Strict):
     """mlp for vector tasks (sine); conv4 for images."""
     hidden: list[PositiveInt] = [40, 40]
     """Hidden layer widths of the MLP (the MAML sine regressor is [40, 40])."""
+    width: PositiveInt = 64
+    """Filters per Conv-4 block (64 in most papers; MAML used 32 on miniImageNet)."""
 
 
 class AlgorithmConfig(Strict):
