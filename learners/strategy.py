@@ -1,7 +1,7 @@
 """How per-task work is spread over a batch of episodes: ``vmap`` over the task axis, or a Python loop.
 
 Which one is faster depends on the model, so it is a measured choice
-(``benchmarks/sine_throughput.py``): on this project's 2-core CPU, vmap was ~7x
+(``benchmarks/throughput.py``): on this project's 2-core CPU, vmap was ~7x
 faster for the sine MLP, while a loop was ~2.7x faster for second-order Conv-4
 MAML. Both give the same sums up to float rounding (tested).
 

@@ -25,7 +25,7 @@ from tasks.episode import TaskSource
 from tasks.sine import SineTasks
 
 # Per-task strategy when algorithm.strategy is "auto", keyed by (backbone, second order), measured on this
-# project's 2-core CPU (benchmarks/sine_throughput.py, benchmarks/fewshot_throughput.py).
+# project's 2-core CPU (benchmarks/throughput.py).
 AUTO_STRATEGY = {("mlp", False): "vmap", ("mlp", True): "vmap", ("conv4", False): "loop", ("conv4", True): "loop"}
 
 Split = Literal["train", "eval"]
