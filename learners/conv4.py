@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from learners.classifier import Classifier
+
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        # No conv bias: batch norm's shift makes it redundant, and its gradient is pure rounding noise, which
+        # Adam would turn into full-size steps.
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels, track_running_stats=False),
         nn.ReLU(),
         nn.MaxPool2d(2),
@@ -29,24 +33,15 @@ def feature_size(image_size: int, blocks: int = 4) -> int:
     return image_size
 
 
-class Conv4(nn.Module):
-    """Embedding (``features``) plus a linear classifier ``head`` over ``n_way`` classes."""
+class Conv4(Classifier):
+    """Conv-4 embedding (``features``) plus a linear ``head`` over ``n_way`` classes."""
 
     def __init__(self, in_channels: int, image_size: int, n_way: int, width: int = 64):
-        super().__init__()
-        self.features = nn.Sequential(
-            conv_block(in_channels, width), conv_block(width, width), conv_block(width, width),
-            conv_block(width, width), nn.Flatten(),
-        )
         side = feature_size(image_size)
         if side < 1:
             raise ValueError(f"images of {image_size}x{image_size} are too small for Conv-4 (needs >= 16)")
-        self.embedding_dim = width * side * side
-        self.head = nn.Linear(self.embedding_dim, n_way)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-    @property
-    def head_keys(self) -> tuple[str, ...]:
-        return ("head.weight", "head.bias")
+        features = nn.Sequential(
+            conv_block(in_channels, width), conv_block(width, width), conv_block(width, width),
+            conv_block(width, width), nn.Flatten(),
+        )
+        super().__init__(features, width * side * side, n_way)

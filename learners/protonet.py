@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
+from learners.classifier import Classifier, embed, feature_params
 from learners.objective import Objective
 from learners.params import Params, init_params, materialize
 from learners.strategy import Strategy, Summed, sum_over_tasks
@@ -35,7 +36,7 @@ def prototype_head(embedding: torch.Tensor, labels: torch.Tensor, n_way: int) ->
 
 @dataclass
 class ProtoNet:
-    model: nn.Module  # has .features (the embedding), .head (linear) and .head_keys, e.g. Conv4
+    model: Classifier
     objective: Objective
     n_way: int
     strategy: Strategy = "vmap"
@@ -45,12 +46,8 @@ class ProtoNet:
     def init_params(self, seed: int) -> Params:
         return {k: v for k, v in init_params(self.model, seed).items() if k not in self.model.head_keys}
 
-    def embed(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        features = {k.removeprefix("features."): v for k, v in params.items() if k.startswith("features.")}
-        return functional_call(self.model.features, features, (x,))
-
     def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
-        weight, bias = prototype_head(self.embed(params, support_x), support_y, self.n_way)
+        weight, bias = prototype_head(embed(self.model, params, support_x), support_y, self.n_way)
         return {**params, "head.weight": weight, "head.bias": bias}
 
     adapt = start
@@ -77,5 +74,4 @@ class ProtoNet:
 
     def export(self, params: Params, batch: EpisodeBatch) -> tuple[nn.Module, torch.Tensor]:
         # The meta-learned part is the embedding network: images in, embeddings out.
-        features = {k.removeprefix("features."): v for k, v in params.items() if k.startswith("features.")}
-        return materialize(self.model.features, features), batch.query_x[0]
+        return materialize(self.model.features, feature_params(params)), batch.query_x[0]

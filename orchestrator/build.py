@@ -12,21 +12,25 @@ import torch
 from torch import nn
 
 from learners.algorithm import Algorithm
+from learners.classifier import Classifier
 from learners.conv4 import Conv4
 from learners.finetune import Scratch, Transfer
 from learners.hypernet import HyperNetwork
 from learners.maml import MAML
+from learners.metaoptnet import MetaOptNet
 from learners.mlp import MLP
 from learners.objective import MSE, CrossEntropy, Objective
 from learners.protonet import ProtoNet
 from learners.reptile import Reptile
+from learners.resnet12 import ResNet12
 from orchestrator.config import Config, ImageTaskConfig, SineTaskConfig, TaskConfig
 from tasks.episode import TaskSource
 from tasks.sine import SineTasks
 
-# Per-task strategy when algorithm.strategy is "auto", keyed by (backbone, second order), measured on this
-# project's 2-core CPU (benchmarks/throughput.py).
-AUTO_STRATEGY = {("mlp", False): "vmap", ("mlp", True): "vmap", ("conv4", False): "loop", ("conv4", True): "loop"}
+# Per-task strategy when algorithm.strategy is "auto", by backbone, measured on this project's 2-core CPU
+# (benchmarks/throughput.py): vmap ~10x faster than a loop for the sine MLP; a loop 1.5-2x faster than
+# vmap for Conv-4 (ProtoNet, FOMAML, ANIL, MAML alike).
+AUTO_STRATEGY = {"mlp": "vmap", "conv4": "loop", "resnet12": "loop"}
 
 Split = Literal["train", "eval"]
 
@@ -56,18 +60,20 @@ def build_model(cfg: Config) -> tuple[nn.Module, Objective, int]:
             return MLP(1, list(cfg.model.hidden), 1), MSE(), 1
         from tasks.store import ImageStore
 
-        channels, height, _ = ImageStore.open(cfg.task.store).image_shape
-        return Conv4(channels, height, cfg.task.n_way, cfg.model.width), CrossEntropy(), channels * height * height
-
-
-def _second_order(cfg: Config) -> bool:
-    return cfg.algorithm.name in ("maml", "anil") and not cfg.algorithm.first_order
+        shape = ImageStore.open(cfg.task.store).image_shape
+        channels, height, _ = shape
+        if cfg.model.backbone == "resnet12":
+            net = ResNet12(channels, drop_prob=cfg.model.dropblock)
+            model = Classifier(net, net.out_features(shape), cfg.task.n_way)
+        else:
+            model = Conv4(channels, height, cfg.task.n_way, cfg.model.width)
+        return model, CrossEntropy(), channels * height * height
 
 
 def build_algorithm(cfg: Config) -> Algorithm:
     model, objective, in_features = build_model(cfg)
     a = cfg.algorithm
-    strategy = AUTO_STRATEGY[(cfg.model.backbone, _second_order(cfg))] if a.strategy == "auto" else a.strategy
+    strategy = AUTO_STRATEGY[cfg.model.backbone] if a.strategy == "auto" else a.strategy
     common = dict(model=model, objective=objective, inner_steps=a.inner_steps, inner_lr=a.inner_lr, strategy=strategy)
     if a.name in ("maml", "fomaml"):
         return MAML(**common, first_order=a.first_order or a.name == "fomaml", name=a.name)
@@ -81,6 +87,10 @@ def build_algorithm(cfg: Config) -> Algorithm:
         return Scratch(**common)
     if a.name == "protonet":
         return ProtoNet(model, objective, n_way=cfg.task.n_way, strategy=strategy)
+    if a.name.startswith("metaoptnet"):
+        return MetaOptNet(model, objective, n_way=cfg.task.n_way, head=a.name.split("-")[1], solver=a.solver,
+                          C=a.svm_c, lam=a.ridge_lambda, train_iters=a.solver_iters, eval_iters=a.eval_solver_iters,
+                          label_smoothing=a.label_smoothing, strategy=strategy, name=a.name)
     if a.name == "hypernet":
         # The task model's output joins its input in each support pair the DeepSet reads.
         return HyperNetwork(model, objective, in_features=in_features + 1, width=a.hyper_width, strategy=strategy)

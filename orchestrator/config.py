@@ -122,16 +122,19 @@ TaskConfig = Annotated[
 
 
 class ModelConfig(Strict):
-    backbone: Literal["mlp", "conv4"] = "mlp"
-    """mlp for vector tasks (sine); conv4 for images."""
+    backbone: Literal["mlp", "conv4", "resnet12"] = "mlp"
+    """mlp for vector tasks (sine); conv4 or resnet12 (MetaOptNet's 64-160-320-640) for images."""
     hidden: list[PositiveInt] = [40, 40]
     """Hidden layer widths of the MLP (the MAML sine regressor is [40, 40])."""
     width: PositiveInt = 64
     """Filters per Conv-4 block (64 in most papers; MAML used 32 on miniImageNet)."""
+    dropblock: float = Field(0.0, ge=0.0, lt=1.0)
+    """ResNet-12 DropBlock drop probability (0: off)."""
 
 
 class AlgorithmConfig(Strict):
-    name: Literal["maml", "fomaml", "anil", "reptile", "protonet", "hypernet", "transfer", "scratch"] = "maml"
+    name: Literal["maml", "fomaml", "anil", "reptile", "protonet", "metaoptnet-svm", "metaoptnet-ridge", "hypernet",
+                  "transfer", "scratch"] = "maml"
     inner_steps: NonNegativeInt = 1
     """SGD steps on the support set in the inner loop."""
     inner_lr: PositiveFloat = 0.01
@@ -141,6 +144,18 @@ class AlgorithmConfig(Strict):
     """Per-task execution; auto picks the measured faster one for the model."""
     hyper_width: PositiveInt = 64
     """Width of the hypernetwork's DeepSet (hypernet only)."""
+    svm_c: PositiveFloat = 0.1
+    """MetaOptNet-SVM: the SVM's C."""
+    ridge_lambda: PositiveFloat = 50.0
+    """MetaOptNet-ridge: the ridge penalty."""
+    solver: Literal["fast", "cvxpylayers"] = "fast"
+    """MetaOptNet-SVM: batched interior point in torch (fast), or cvxpylayers (the reference it is tested against)."""
+    solver_iters: PositiveInt = 15
+    """MetaOptNet-SVM: interior-point iterations while training."""
+    eval_solver_iters: PositiveInt = 50
+    """MetaOptNet-SVM: interior-point iterations at evaluation."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """MetaOptNet: label smoothing of the query loss."""
 
 
 class OuterConfig(Strict):
@@ -249,8 +264,8 @@ class Config(Strict):
         if image_task != (self.model.backbone != "mlp"):
             errors.append(f"model.backbone: {self.model.backbone!r} does not fit task family {self.task.family!r} "
                           f"(use {'conv4' if image_task else 'mlp'})")
-        if self.algorithm.name == "protonet" and not image_task:
-            errors.append("algorithm.name: protonet classifies; use it with task.family: images")
+        if self.algorithm.name in ("protonet", "metaoptnet-svm", "metaoptnet-ridge") and not image_task:
+            errors.append(f"algorithm.name: {self.algorithm.name} classifies; use it with task.family: images")
         if self.algorithm.name == "hypernet" and image_task:
             errors.append("algorithm.name: hypernet writes the weights of a regression MLP; use task.family: sine")
         if self.algorithm.name == "scratch" and self.outer.steps:

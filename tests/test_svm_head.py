@@ -1,0 +1,221 @@
+"""MetaOptNet SVM head: the fast batched QP path against cvxpylayers, finite differences and the KKT conditions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from learners.mlp import MLP
+from learners.params import init_params
+from learners.qp import kkt_residuals, solve_qp
+from learners.svm_cvxpy import svm_logits_cvxpy
+from learners.svm_head import svm_dual, svm_logits
+
+TIGHT = {"max_iter": 60, "tol": 1e-12}
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside cvxpylayers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The QPs are small: on a busy 2-core machine a second OpenMP thread only adds spin-waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def episode(tasks: int, n_way: int, k_shot: int, n_query: int, dim: int, seed: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    support = torch.randn(tasks, n_way * k_shot, dim, generator=g, dtype=dtype)
+    query = torch.randn(tasks, n_query, dim, generator=g, dtype=dtype)
+    labels = torch.stack([torch.randperm(n_way * k_shot, generator=g) % n_way for _ in range(tasks)])
+    return support, labels, query
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+def logits_and_grads(head, support, labels, query, weights):
+    s, q = support.clone().requires_grad_(), query.clone().requires_grad_()
+    out = head(s, labels, q)
+    logits = out[0] if isinstance(out, tuple) else out
+    (logits * weights.to(logits.dtype)).sum().backward()
+    return logits, s.grad, q.grad, out[1] if isinstance(out, tuple) else None
+
+
+@pytest.mark.parametrize("n_way,k_shot,tasks,seed,solver_args", [
+    (5, 1, 3, 0, None), (5, 1, 3, 1, None), (5, 5, 3, 0, None), (5, 5, 3, 1, None),
+    (20, 1, 2, 0, None), (20, 1, 2, 1, None),
+    (20, 5, 1, 0, {"mode": "lsmr"}),  # dense mode takes ~1 min per task at this size: see the slow test below
+])
+def test_fast_path_matches_cvxpylayers(n_way, k_shot, tasks, seed, solver_args):
+    support, labels, query = episode(tasks, n_way, k_shot, 4, 24, seed)
+    w = torch.randn(tasks, 4, n_way, generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64)
+    lf, sf, qf, ok = logits_and_grads(lambda s, y, q: svm_logits(s, y, q, n_way, **TIGHT), support, labels, query, w)
+    lc, sc, qc, _ = logits_and_grads(lambda s, y, q: svm_logits_cvxpy(s, y, q, n_way, solver_args=solver_args),
+                                     support, labels, query, w)
+    assert ok.all()
+    assert rel(lf, lc) < 1e-4 and rel(sf, sc) < 1e-4 and rel(qf, qc) < 1e-4, (rel(lf, lc), rel(sf, sc), rel(qf, qc))
+
+
+@pytest.mark.slow
+def test_fast_path_matches_cvxpylayers_dense_20way_5shot():
+    support, labels, query = episode(1, 20, 5, 4, 24, 7)
+    w = torch.randn(1, 4, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lf, sf, qf, _ = logits_and_grads(lambda s, y, q: svm_logits(s, y, q, 20, **TIGHT), support, labels, query, w)
+    lc, sc, qc, _ = logits_and_grads(lambda s, y, q: svm_logits_cvxpy(s, y, q, 20), support, labels, query, w)
+    assert max(rel(lf, lc), rel(sf, sc), rel(qf, qc)) < 1e-4
+
+
+def test_default_settings_agree_with_cvxpylayers_at_resnet_width():
+    """Training defaults (15 steps, default tol, float32 embeddings) at D = 1600."""
+    support, labels, query = episode(2, 5, 5, 6, 1600, 3)
+    w = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    lf, sf, qf, ok = logits_and_grads(lambda s, y, q: svm_logits(s, y, q, 5), support.float(), labels, query.float(), w)
+    lc, sc, qc, _ = logits_and_grads(lambda s, y, q: svm_logits_cvxpy(s, y, q, 5), support, labels, query, w)
+    assert ok.all() and lf.dtype == torch.float32
+    assert max(rel(lf, lc), rel(sf, sc), rel(qf, qc)) < 1e-4
+
+
+def test_gradient_matches_central_finite_differences():
+    support, labels, query = episode(1, 3, 2, 5, 4, 11)
+    query_y = torch.randint(0, 3, (1, 5), generator=torch.Generator().manual_seed(0))
+
+    def loss(s, q):
+        logits, ok = svm_logits(s, labels, q, 3, C=0.5, **TIGHT)
+        assert ok.all()
+        return F.cross_entropy(logits.flatten(0, 1), query_y.flatten())
+
+    inputs = (support.requires_grad_(), query.requires_grad_())
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_way,k_shot", [(5, 1), (5, 5), (20, 2)])
+def test_kkt_conditions_hold(dtype, n_way, k_shot):
+    support, labels, _ = episode(4, n_way, k_shot, 1, 32, n_way + k_shot, dtype)
+    Y = F.one_hot(labels, n_way).to(dtype)
+    P = support @ support.transpose(1, 2) + torch.eye(n_way * k_shot, dtype=dtype)
+    R, U, b = -Y, 0.1 * Y, torch.zeros_like(Y[..., 0])
+    res = solve_qp(P, R, U, b)
+    assert res.ok.all() and res.x.dtype == dtype
+    r = kkt_residuals(P, R, U, b, res.x, res.nu, res.lam)
+    x_scale, d_scale = res.x.abs().amax(), (P @ res.x).abs().amax()
+    tol = 1e-8 if dtype == torch.float64 else 2e-5
+    assert (r["equality"] <= tol * x_scale).all() and (r["primal_feasibility"] <= tol * x_scale).all()
+    assert (r["stationarity"] <= tol * d_scale).all() and (r["dual_feasibility"] <= tol * d_scale).all()
+    assert (r["complementarity"] <= tol * x_scale * d_scale).all()
+
+
+def test_general_qp_gradients_match_finite_differences():
+    """The solver beyond the SVM: random bounds and row sums; gradients w.r.t. P, R, U and b."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(2, 4, 4, generator=g, dtype=torch.float64)
+    P = A @ A.transpose(1, 2) + torch.eye(4, dtype=torch.float64)
+    R = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    U = torch.rand(2, 4, 3, generator=g, dtype=torch.float64)
+    b = (U - 0.5 * torch.rand(2, 4, 3, generator=g, dtype=torch.float64)).sum(-1)  # feasible: b < U 1
+    res = solve_qp(P, R, U, b, **TIGHT)
+    assert res.ok.all() and res.polished.all()
+    assert ((res.lam > 1e-6).sum() > 0) and ((res.lam > 1e-6).sum() < res.lam.numel())  # some bounds active
+
+    def x_of(P, R, U, b):
+        return solve_qp(0.5 * (P + P.transpose(1, 2)), R, U, b, **TIGHT).x
+
+    assert torch.autograd.gradcheck(x_of, tuple(t.clone().requires_grad_() for t in (P, R, U, b)), eps=1e-6, atol=1e-6)
+
+
+def test_batch_equals_loop_over_tasks():
+    support, labels, query = episode(4, 5, 2, 3, 16, 21)
+    batched, _ = svm_logits(support, labels, query, 5)
+    looped = torch.cat([svm_logits(support[i:i + 1], labels[i:i + 1], query[i:i + 1], 5)[0] for i in range(4)])
+    torch.testing.assert_close(batched, looped)
+
+
+def test_per_task_grad_under_vmap_equals_batched_autograd():
+    """The head inside ``vmap(grad(task_loss))`` (the algorithms' vmap strategy) gives the batched gradients."""
+    support, labels, query = episode(3, 5, 2, 6, 8, 9)
+    query_y = torch.randint(0, 5, (3, 6), generator=torch.Generator().manual_seed(1))
+    with torch.device("meta"):
+        net = MLP(8, [16], 12)
+    params = init_params(net, 0, dtype=torch.float64)
+
+    def task_loss(p, sx, sy, qx, qy):
+        es, eq = functional_call(net, p, (sx,)), functional_call(net, p, (qx,))
+        return F.cross_entropy(svm_logits(es[None], sy[None], eq[None], 5, **TIGHT)[0][0], qy)
+
+    per_task = vmap(grad(task_loss), in_dims=(None, 0, 0, 0, 0))(params, support, labels, query, query_y)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    embed = vmap(lambda x: functional_call(net, leaves, (x,)))
+    logits, _ = svm_logits(embed(support), labels, embed(query), 5, **TIGHT)
+    loss = sum(F.cross_entropy(logits[i], query_y[i]) for i in range(3))
+    for name, g in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
+        torch.testing.assert_close(per_task[name].sum(0), g)
+
+
+@pytest.mark.parametrize("case", ["duplicate_rows", "rank_deficient", "zero_support", "zero_everything"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_degenerate_inputs_stay_finite(case, dtype):
+    support, labels, query = episode(3, 5, 5, 6, 32, 8, dtype)
+    if case == "duplicate_rows":
+        support = support[:, :1].expand_as(support).clone()  # every support image identical
+    elif case == "rank_deficient":
+        support = support[..., :2] @ torch.randn(2, 32, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    elif case == "zero_support":
+        support = torch.zeros_like(support)
+    else:
+        support, query = torch.zeros_like(support), torch.zeros_like(query)
+    s, q = support.requires_grad_(), query.requires_grad_()
+    logits, ok = svm_logits(s, labels, q, 5)
+    F.cross_entropy(logits.flatten(0, 1), torch.zeros(18, dtype=torch.long)).backward()
+    assert ok.all()
+    assert logits.isfinite().all() and s.grad.isfinite().all() and q.grad.isfinite().all()
+
+
+def test_broken_and_unconverged_tasks_are_reported_not_nan():
+    support, labels, query = episode(3, 5, 1, 4, 8, 2)
+    support[1, 0, 0] = float("nan")
+    s, q = support.requires_grad_(), query.requires_grad_()
+    logits, ok = svm_logits(s, labels, q, 5)
+    assert ok.tolist() == [True, False, True]
+    logits.sum().backward()
+    assert logits.isfinite().all() and s.grad.isfinite().all() and q.grad.isfinite().all()
+    assert (s.grad[1] == 0).all() and (s.grad[0] != 0).any()
+
+    logits, ok = svm_logits(s.detach().nan_to_num(), labels, q.detach(), 5, max_iter=1)
+    assert not ok.any() and logits.isfinite().all()
+
+
+def test_solution_is_a_crammer_singer_dual():
+    support, labels, _ = episode(2, 5, 3, 1, 16, 4)
+    alpha = svm_dual(support, labels, 5, C=0.1).x
+    Y = F.one_hot(labels, 5).double()
+    assert torch.allclose(alpha.sum(-1), torch.zeros(2, 15, dtype=torch.float64), atol=1e-12)
+    assert (alpha <= 0.1 * Y + 1e-12).all()
+
+
+def test_bad_inputs_are_named():
+    support, labels, query = episode(1, 5, 1, 2, 4, 0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        svm_logits(support, labels, query, 3)
+    with pytest.raises(ValueError, match="C and jitter must be > 0"):
+        svm_logits(support, labels, query, 5, C=0.0)
+    with pytest.raises(ValueError, match="flatten the backbone output"):
+        svm_logits(support[0], labels, query, 5)
+    with pytest.raises(ValueError, match="support_labels must be int64"):
+        svm_logits(support, labels.int(), query, 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qp_dtype", [torch.float64, None])
+def test_cuda_matches_cpu(qp_dtype):
+    support, labels, query = episode(8, 5, 5, 15, 1600, 6, torch.float32)
+    w = torch.randn(8, 15, 5, generator=torch.Generator().manual_seed(1))
+    head = lambda s, y, q: svm_logits(s, y, q, 5, qp_dtype=qp_dtype)
+    lc, sc, qc, okc = logits_and_grads(head, support, labels, query, w)
+    lg, sg, qg, okg = logits_and_grads(head, support.cuda(), labels.cuda(), query.cuda(), w.cuda())
+    assert okc.all() and okg.all()
+    assert max(rel(lg.cpu(), lc), rel(sg.cpu(), sc), rel(qg.cpu(), qc)) < 1e-3
