@@ -161,6 +161,10 @@ class AlgorithmConfig(Strict):
 class OuterConfig(Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: PositiveFloat = 1e-3
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    """SGD momentum (MetaOptNet: 0.9 with Nesterov)."""
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 0.0
     meta_batch_size: PositiveInt = 25
     """Tasks per meta-step."""
     steps: NonNegativeInt = 20000

@@ -25,8 +25,9 @@ from tasks.episode import EpisodeIds
 
 def make_optimizer(outer: OuterConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     if outer.optimizer == "adam":
-        return torch.optim.Adam(params, lr=outer.lr)
-    return torch.optim.SGD(params, lr=outer.lr)
+        return torch.optim.Adam(params, lr=outer.lr, weight_decay=outer.weight_decay)
+    return torch.optim.SGD(params, lr=outer.lr, momentum=outer.momentum, nesterov=outer.nesterov,
+                           weight_decay=outer.weight_decay)
 
 
 class CentralLearner:

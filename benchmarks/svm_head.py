@@ -1,0 +1,145 @@
+"""MetaOptNet SVM head: forward+backward time per meta-batch, cvxpylayers vs the batched QP, at equal gradients.
+
+For each meta-batch shape (tasks x shot x embedding dim; 5-way, 15 queries per
+class) it times the head's forward and backward of the query cross-entropy,
+median of ``--repeats`` after a warm-up, for
+
+- cvxpylayers (``learners.svm_cvxpy``: one Clarabel solve and one dense diffcp
+  derivative per task, float64, always on CPU: diffcp is a CPU library);
+- the fast path (``learners.svm_head``: the batched interior point of
+  ``learners.qp``) at training settings: float32 embeddings, QP in float64,
+  ``max_iter=15``, default tolerance, on ``--device``;
+
+and prints the ratio and the largest relative difference (norm-wise, over the
+support and the query gradient) between the two paths' gradients, so the speed-up
+is read at equal gradients. The "solver" columns time the QP alone (jittered Gram
+matrix in, float64, alpha out, backward of a fixed linear function of alpha): at
+D = 16000 the head's time is mostly the embedding-sized products both paths share,
+which are memory bound on CPU. Embeddings are ReLU'd Gaussians (non-negative, like a
+backbone's output).
+
+    python benchmarks/svm_head.py [--device cuda] [--tasks 8 32] [--shots 1 5] [--dims 1600 16000] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from learners.qp import solve_qp
+from learners.svm_cvxpy import svm_dual_cvxpy_gram, svm_logits_cvxpy
+from learners.svm_head import support_gram, svm_logits
+
+
+def episode(tasks: int, n_way: int, shot: int, query: int, dim: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    support = torch.randn(tasks, n_way * shot, dim, generator=g).relu()
+    queries = torch.randn(tasks, n_way * query, dim, generator=g).relu()
+    support_y = torch.arange(n_way).repeat_interleave(shot).repeat(tasks, 1)
+    query_y = torch.arange(n_way).repeat_interleave(query).repeat(tasks, 1)
+    return support, support_y, queries, query_y
+
+
+def step(head, support, support_y, query, query_y, device: str):
+    """One forward+backward of the query loss through ``head``; returns (seconds, grads, ok)."""
+    s = support.to(device, copy=True).requires_grad_()  # fresh leaves: no gradient carried between runs
+    q = query.to(device, copy=True).requires_grad_()
+    sy, qy = support_y.to(device), query_y.to(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    logits, ok = head(s, sy, q)
+    F.cross_entropy(logits.flatten(0, 1), qy.flatten()).backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, (s.grad.double().cpu(), q.grad.double().cpu()), ok.cpu()
+
+
+def timed(head, data, device: str, repeats: int):
+    step(head, *data, device)  # warm-up (layer construction, CUDA kernels)
+    runs = [step(head, *data, device) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), runs[-1][1], runs[-1][2]
+
+
+def solver_step(solve, P: torch.Tensor, weights: torch.Tensor, device: str):
+    """Solver alone: alpha from the jittered Gram P, backward of <weights, alpha>; (seconds, dL/dP)."""
+    P = P.to(device, copy=True).requires_grad_()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    (solve(P) * weights.to(device)).sum().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, P.grad.cpu()
+
+
+def solver_timed(solve, P, weights, device: str, repeats: int):
+    solver_step(solve, P, weights, device)
+    runs = [solver_step(solve, P, weights, device) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), runs[-1][1]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def row(tasks: int, shot: int, dim: int, args) -> str:
+    """One table row: head timings and gradient difference, then solver-only timings and difference."""
+    n = args.way
+    s, sy, q, qy = episode(tasks, n, shot, args.query, dim, seed=tasks * 1000 + shot * 100 + dim)
+
+    def fast(s, y, q):
+        return svm_logits(s, y, q, n)
+
+    def reference(s, y, q):
+        return svm_logits_cvxpy(s, y, q, n), torch.ones(s.shape[0], dtype=torch.bool)
+
+    t_ref, g_ref, _ = timed(reference, (s.double(), sy, q.double(), qy), "cpu", args.ref_repeats)
+    t_fast, g_fast, ok = timed(fast, (s, sy, q, qy), args.device, args.repeats)
+    diff = max(rel(a, b) for a, b in zip(g_fast, g_ref))
+
+    P = support_gram(s.double(), 1.0).detach()
+    w = torch.randn(tasks, n * shot, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Y = F.one_hot(sy, n).double().to(args.device)
+    b = torch.zeros(tasks, n * shot, dtype=torch.float64, device=args.device)
+    ts_ref, gs_ref = solver_timed(lambda P: svm_dual_cvxpy_gram(P, sy, n), P, w, "cpu", args.ref_repeats)
+    ts_fast, gs_fast = solver_timed(lambda P: solve_qp(P, -Y, 0.1 * Y, b).x, P, w, args.device, args.repeats)
+    return (f"{tasks:>5} {shot:>4} {dim:>6} | {1e3 * t_ref:>14.1f} {1e3 * t_fast:>8.2f} {t_ref / t_fast:>7.1f}x "
+            f"{diff:>9.1e} {int(ok.sum()):>3}/{tasks:<2} | {1e3 * ts_ref:>16.1f} {1e3 * ts_fast:>8.2f} "
+            f"{ts_ref / ts_fast:>7.1f}x {rel(gs_fast, gs_ref):>9.1e}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--tasks", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--dims", type=int, nargs="+", default=[1600, 16000])
+    ap.add_argument("--way", type=int, default=5)
+    ap.add_argument("--query", type=int, default=15, help="queries per class")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of the fast path (median)")
+    ap.add_argument("--ref-repeats", type=int, default=2, help="timed runs of cvxpylayers (median)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"{args.way}-way, {args.query} queries/class; fast path on {where} ({torch.get_num_threads()} CPU threads), "
+          f"cvxpylayers on CPU; forward+backward per meta-batch, median. 'head': embeddings -> query loss; "
+          f"'solver': Gram matrix -> alpha only")
+    print(f"{'tasks':>5} {'shot':>4} {'dim':>6} | {'head: cvxpy ms':>14} {'fast ms':>8} {'speed-up':>8} "
+          f"{'grad diff':>9} {'ok':>6} | {'solver: cvxpy ms':>16} {'fast ms':>8} {'speed-up':>8} {'grad diff':>9}")
+    for tasks in args.tasks:
+        for shot in args.shots:
+            for dim in args.dims:
+                print(row(tasks, shot, dim, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()
