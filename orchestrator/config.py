@@ -200,6 +200,9 @@ class WorkersConfig(Strict):
     """Elastic: grow up to this many workers at step boundaries when the cluster has room (default num_workers)."""
     straggler_deadline_s: PositiveFloat | None = None
     """A share still running after this long is also given to an idle worker; the first result wins."""
+    reduce: Literal["flat", "node"] = "flat"
+    """flat: the learner receives one gradient per share; node: shares are summed on each node first, so the
+    learner receives one (float64) gradient per node (for large models on many workers per node)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where workers compute: auto = cuda when num_gpus > 0 and a GPU is visible."""
     fault_injection: FaultInjection | None = None

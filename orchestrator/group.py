@@ -38,8 +38,10 @@ from typing import Any
 import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.config import Config
+from orchestrator.messages import Aggregate, aggregate, sum_grads
 from orchestrator.worker import TaskWorker
 from tasks.episode import EpisodeIds
 
@@ -53,6 +55,7 @@ class CallTiming:
     put_s: float = 0.0
     wait_s: float = 0.0  # dispatch + remote compute + fetching results
     total_s: float = 0.0
+    gathered_bytes: int = 0  # gradient bytes the learner received
 
 
 @dataclass
@@ -81,6 +84,9 @@ class LocalGroup:
         out = [getattr(self.worker, method)(theta, share, *args) for share in shares]
         self.timing = CallTiming(0.0, time.perf_counter() - start, time.perf_counter() - start)
         return out
+
+    def meta_gradient(self, theta: np.ndarray, shares: list[EpisodeIds]) -> Aggregate:
+        return aggregate(self.map("meta_gradient", theta, shares))
 
     def maintain(self) -> None:
         pass
@@ -150,6 +156,7 @@ class _Slot:
     incarnation: str | None = None
     probe: Any = None  # pending ready() call while starting or suspect
     shipped: bool = False  # started with the image store's bytes at hand
+    node: str | None = None  # the node it runs on, once asked (reset when it restarts)
     since: float = field(default_factory=time.monotonic)
 
 
@@ -175,6 +182,7 @@ class WorkerGroup:
         self._last_growth_check = 0.0
         self._store = getattr(cfg.task, "store", None)
         self._shipped: list | None = None  # [object ref of the store's bytes, content hash] once shipped
+        self._reducers: dict[str, Any] = {}  # node id -> NodeReducer actor (reduce: node)
         for _ in range(self._w.num_workers):
             self._spawn()
         for slot in list(self._slots):
@@ -222,8 +230,38 @@ class WorkerGroup:
 
     # -- one call ---------------------------------------------------------------------------------------
 
-    def map(self, method: str, theta: np.ndarray, shares: list[EpisodeIds], *args: Any) -> list[Any]:
-        """Run ``method(theta, share, *args)`` for every share on the workers; results in share order."""
+    def meta_gradient(self, theta: np.ndarray, shares: list[EpisodeIds]) -> Aggregate:
+        """The step's mean meta-gradient over ``shares``; summed node by node first when ``reduce: node``."""
+        if self._w.reduce == "flat":
+            return aggregate(self.map("meta_gradient", theta, shares))
+        parts = self.map("meta_gradient_parts", theta, shares, parts=True)
+        start = time.perf_counter()
+        by_node: dict[str, list[Any]] = {}
+        for _, grad_ref, node in parts:
+            by_node.setdefault(node, []).append(grad_ref)
+        try:
+            partials = ray.get([self._reducer(node).sum.remote(*refs) for node, refs in sorted(by_node.items())])
+        except (RayActorError, RayTaskError) as e:
+            # A node died after computing: its gradients went with its object store. Recompute them all flat.
+            self.faults.add(f"node reduction failed ({type(e).__name__}); recomputing the step's shares")
+            return aggregate(self.map("meta_gradient", theta, shares))
+        self.timing.wait_s += time.perf_counter() - start
+        self.timing.total_s += time.perf_counter() - start
+        self.timing.gathered_bytes = sum(p.nbytes for p in partials)
+        return aggregate([header for header, _, _ in parts], partials)
+
+    def _reducer(self, node: str) -> Any:
+        if node not in self._reducers:
+            self._reducers[node] = ray.remote(NodeReducer).options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        return self._reducers[node]
+
+    def map(self, method: str, theta: np.ndarray, shares: list[EpisodeIds], *args: Any, parts: bool = False) -> list[Any]:
+        """Run ``method(theta, share, *args)`` for every share on the workers; results in share order.
+
+        With ``parts`` the method returns (header, payload): only the header is fetched, and each result is
+        (header, payload ref, node id) so the payload can be reduced where it lies.
+        """
         start = time.perf_counter()
         theta_ref = ray.put(theta)
         put_s = time.perf_counter() - start
@@ -235,8 +273,14 @@ class WorkerGroup:
         idle = deque(s for s in self._slots if s.state == "ready")
         deadline = self._w.straggler_deadline_s
 
+        payloads: dict[Any, Any] = {}
+
         def submit(share: int, slot: _Slot) -> None:
-            ref = getattr(slot.actor, method).remote(theta_ref, shares[share], *args)
+            call = getattr(slot.actor, method)
+            if parts:
+                ref, payloads[ref] = call.options(num_returns=2).remote(theta_ref, shares[share], *args)
+            else:
+                ref = call.remote(theta_ref, shares[share], *args)
             running[ref] = (share, slot, time.monotonic())
             copies[share] += 1
 
@@ -268,10 +312,12 @@ class WorkerGroup:
                     queue.appendleft(share)
                 continue
             if not done[share]:
-                results[share], done[share] = value, True
+                results[share] = (value, payloads[ready[0]], self._node_of(slot)) if parts else value
+                done[share] = True
             self._note_incarnation(slot, getattr(value, "incarnation", None))
             idle.append(slot)
-        self.timing = CallTiming(put_s, time.perf_counter() - start - put_s, time.perf_counter() - start)
+        gathered = sum(getattr(getattr(r, "grad", None), "nbytes", 0) for r in results)
+        self.timing = CallTiming(put_s, time.perf_counter() - start - put_s, time.perf_counter() - start, gathered)
         return results
 
     def _duplicate_stragglers(self, running, done, copies, idle, deadline, submit) -> None:
@@ -312,7 +358,7 @@ class WorkerGroup:
             return
         if slot.state == "starting" and slot.incarnation is None and slot.index >= self._w.num_workers:
             log.warning("worker %d joined (elastic): %d workers", slot.index, self.size + 1)
-        slot.state, slot.probe, slot.incarnation = "ready", None, incarnation
+        slot.state, slot.probe, slot.incarnation, slot.node = "ready", None, incarnation, None
 
     def _note_incarnation(self, slot: _Slot, incarnation: str | None) -> None:
         # An actor killed between calls restarts silently; a new incarnation id is how we notice.
@@ -320,7 +366,7 @@ class WorkerGroup:
             return
         if slot.incarnation is not None and slot.state != "suspect":
             self.faults.add(f"worker {slot.index} was restarted")
-        slot.incarnation = incarnation
+        slot.incarnation, slot.node = incarnation, None
 
     # -- between steps ----------------------------------------------------------------------------------
 
@@ -353,14 +399,28 @@ class WorkerGroup:
             self._spawn()
 
     def node_ids(self) -> list[str]:
-        return ray.get([s.actor.node_id.remote() for s in self._slots if s.state == "ready"])
+        return [self._node_of(s) for s in self._slots if s.state == "ready"]
+
+    def _node_of(self, slot: _Slot) -> str:
+        if slot.node is None:
+            slot.node = ray.get(slot.actor.node_id.remote())
+        return slot.node
 
     def close(self) -> None:
         for s in self._slots:
             ray.kill(s.actor, no_restart=True)
-        self._slots = []
+        for r in self._reducers.values():
+            ray.kill(r, no_restart=True)
+        self._slots, self._reducers = [], {}
         if self._started_ray:
             ray.shutdown()
+
+
+class NodeReducer:
+    """Sums the gradients that workers on its node left in the node's object store (zero-copy reads)."""
+
+    def sum(self, *grads: np.ndarray) -> np.ndarray:
+        return sum_grads(list(grads))
 
 
 def _actor_cause(e: RayActorError) -> str:

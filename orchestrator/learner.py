@@ -19,7 +19,6 @@ import torch
 from learners.params import ParamSpec, Params
 from orchestrator.config import Config, OuterConfig
 from orchestrator.group import LocalGroup, WorkerGroup
-from orchestrator.messages import aggregate
 from tasks.episode import EpisodeIds
 
 
@@ -52,8 +51,7 @@ class CentralLearner:
         self.group.maintain()  # step boundary: restarted, lost and newly joined workers
         start = time.perf_counter()
         ids = EpisodeIds(self.cfg.run.seed, self.step, tuple(range(self.cfg.outer.meta_batch_size)))
-        results = self.group.map("meta_gradient", self.theta(), ids.split(self.cfg.workers.share_count))
-        agg = aggregate(results)
+        agg = self.group.meta_gradient(self.theta(), ids.split(self.cfg.workers.share_count))
         opt_start = time.perf_counter()
         if agg.grad is None:
             self.skipped_steps += 1  # every task diverged: nothing trustworthy to step on
@@ -79,6 +77,7 @@ class CentralLearner:
             "perf/put_s": timing.put_s,
             "perf/dispatch_get_s": max(0.0, timing.wait_s - agg.compute_s),
             "perf/optimizer_s": end - opt_start,
+            "perf/gathered_mb": timing.gathered_bytes / 2**20,
             "orchestrator/faults": float(self.group.faults.count),
             "orchestrator/stragglers": float(self.group.faults.stragglers),
             "orchestrator/workers": float(self.group.size),

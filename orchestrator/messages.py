@@ -16,7 +16,7 @@ import numpy as np
 class TaskResult:
     """One worker's share of a meta-step: sums over its kept tasks."""
 
-    grad: np.ndarray  # flat float32, SUM over kept tasks
+    grad: np.ndarray  # flat float32, SUM over kept tasks (empty when it stays on the worker's node for a reducer)
     stats: dict[str, float]  # SUMS over kept tasks, e.g. loss_before, loss_after, acc_after
     tasks: int  # kept tasks
     dropped: int  # tasks dropped for non-finite values
@@ -35,16 +35,24 @@ class Aggregate:
     per_worker_tasks: list[int] = field(default_factory=list)
 
 
-def aggregate(results: list[TaskResult]) -> Aggregate:
-    """Sum the shares in share order (deterministic), then divide by the number of kept tasks."""
+def sum_grads(grads: list[np.ndarray]) -> np.ndarray:
+    """Sum in float64: a few dozen float32 shares add up exactly enough that the float32 mean does not
+    depend on how they were grouped (share by share here, node by node in ``group.NodeReducer``)."""
+    total = np.zeros(grads[0].shape, dtype=np.float64)
+    for g in grads:
+        total += g
+    return total
+
+
+def aggregate(results: list[TaskResult], partial_sums: list[np.ndarray] | None = None) -> Aggregate:
+    """Sum the shares' gradients (or the per-node ``partial_sums`` of them), divide by the kept tasks."""
     tasks = sum(r.tasks for r in results)
     dropped = sum(r.dropped for r in results)
     compute_s = max((r.compute_s for r in results), default=0.0)
     if tasks == 0:
         return Aggregate(None, {}, 0, dropped, compute_s, [r.tasks for r in results])
-    total = results[0].grad.copy()
-    for r in results[1:]:
-        total += r.grad
+    total = sum_grads(partial_sums if partial_sums is not None else [r.grad for r in results])
     keys = sorted({k for r in results for k in r.stats})
     stats = {k: sum(r.stats.get(k, 0.0) for r in results) / tasks for k in keys}
-    return Aggregate(total / np.float32(tasks), stats, tasks, dropped, compute_s, [r.tasks for r in results])
+    return Aggregate((total / tasks).astype(np.float32), stats, tasks, dropped, compute_s,
+                     [r.tasks for r in results])

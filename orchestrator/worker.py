@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,11 @@ class TaskWorker:
         grad = self.spec.flatten(summed.grads).detach().cpu().numpy().astype(np.float32, copy=False)
         return TaskResult(grad, summed.stats, summed.tasks, summed.dropped, time.perf_counter() - start,
                           self.index, self.incarnation)
+
+    def meta_gradient_parts(self, theta: np.ndarray, ids: EpisodeIds) -> tuple[TaskResult, np.ndarray]:
+        """``meta_gradient`` as (header, gradient), so the gradient can stay on this node for a reducer."""
+        result = self.meta_gradient(theta, ids)
+        return replace(result, grad=np.empty(0, dtype=np.float32)), result.grad
 
     def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None) -> dict[str, np.ndarray]:
         """Per-episode query loss (and metrics) after 0..``steps`` adaptation steps: ``[len(ids), steps + 1]``."""

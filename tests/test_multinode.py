@@ -153,3 +153,23 @@ def test_image_store_missing_on_the_nodes_is_shipped_once_per_node(tmp_path, mon
         c.shutdown()
     assert all(p != "omni.arrow" and "metaray-data" in p for p in paths)
     assert len(set(paths)) == 1  # same content hash, same node-local file name
+
+
+def test_per_node_reduction_gathers_one_gradient_per_node_and_changes_nothing(cluster, tmp_path):
+    c, _ = cluster
+    thetas, gathered = {}, {}
+    for reduce in ("flat", "node"):
+        cfg = tiny_config(tmp_path / reduce, workers={"mode": "ray", "num_workers": 2, "shares": 4, "reduce": reduce,
+                                                      "address": c.address})
+        group = WorkerGroup(cfg)
+        try:
+            learner = CentralLearner(cfg, build_algorithm(cfg).init_params(0), group)
+            metrics = [learner.meta_step() for _ in range(4)]
+        finally:
+            group.close()
+        thetas[reduce] = flat(learner.params)
+        gathered[reduce] = metrics[-1]["perf/gathered_mb"] * 2**20
+    numel = learner.spec.numel
+    assert gathered["flat"] == 4 * numel * 4  # one float32 gradient per share
+    assert gathered["node"] == 2 * numel * 8  # one float64 partial sum per node
+    assert torch.equal(thetas["flat"], thetas["node"])
