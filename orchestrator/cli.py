@@ -30,6 +30,11 @@ def _overrides(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
 
 
+def _address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to run on (same as --set workers.address=...; "
+                                     "'auto' inside a cluster); default: Ray embedded on this machine")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metaray", description="Distributed meta-training on Ray, tracked in MLflow.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -37,15 +42,18 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train from a YAML config, evaluate, checkpoint")
     t.add_argument("config", help="YAML run config, e.g. configs/sine-maml.yaml")
     _overrides(t, "override a config value, e.g. --set outer.steps=1000 (repeatable)")
+    _address(t)
     t.add_argument("--resume", action="store_true", help="continue the run's checkpoint (same trajectory, same MLflow run)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its held-out tasks (tracked as its own MLflow run)")
     e.add_argument("checkpoint", help="a run folder (runs/NAME) or a checkpoint file")
     _overrides(e, "override eval.*, workers.* or tracking.* settings, e.g. --set eval.tasks=1000")
+    _address(e)
 
     s = sub.add_parser("sweep", help="train several configs / a grid as sibling MLflow runs under one parent")
     s.add_argument("configs", nargs="+", help="YAML run configs, e.g. configs/sine-*.yaml")
     _overrides(s, "override a value in every config (repeatable)")
+    _address(s)
     s.add_argument("--grid", action="append", default=[], metavar="KEY=[V1, V2]",
                    help="one run per value (cartesian product over several --grid)")
     s.add_argument("--experiment", help="MLflow experiment of the whole sweep (default: the first config's)")
@@ -60,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "address", None):
+        args.overrides = [*args.overrides, f"workers.address={args.address}"]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "train":

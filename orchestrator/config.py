@@ -200,6 +200,11 @@ class WorkersConfig(Strict):
     """Elastic: grow up to this many workers at step boundaries when the cluster has room (default num_workers)."""
     straggler_deadline_s: PositiveFloat | None = None
     """A share still running after this long is also given to an idle worker; the first result wins."""
+    learner: Literal["driver", "actor"] = "driver"
+    """Where the central learner runs: in this process, or as its own Ray actor (on a cluster whose head node
+    runs no work, e.g. under `ray job submit`); it then needs learner_num_cpus/gpus free somewhere."""
+    learner_num_cpus: PositiveFloat = 1.0
+    learner_num_gpus: NonNegativeFloat = 0.0
     reduce: Literal["flat", "node"] = "flat"
     """flat: the learner receives one gradient per share; node: shares are summed on each node first, so the
     learner receives one (float64) gradient per node (for large models on many workers per node)."""
@@ -265,6 +270,8 @@ class Config(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         errors: list[str] = []
+        if self.workers.learner == "actor" and self.workers.mode != "ray":
+            errors.append("workers.learner: a learner actor needs Ray workers; set workers.mode: ray")
         if self.workers.fault_injection is not None and self.workers.mode != "ray":
             errors.append("workers.fault_injection: only Ray workers can be failed on purpose; set workers.mode: ray")
         image_task = isinstance(self.task, ImageTaskConfig)

@@ -40,7 +40,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.config import Config
+from orchestrator.config import Config, ConfigError
 from orchestrator.messages import Aggregate, aggregate, sum_grads
 from orchestrator.worker import TaskWorker
 from tasks.episode import EpisodeIds
@@ -140,7 +140,8 @@ def connect(cfg: Config) -> bool:
         ray.init(address=w.address, logging_level=logging.WARNING, log_to_driver=True)
         return True
     # Embedded: reserve enough logical CPUs for every worker even on a small laptop (they then share cores).
-    cpus = max(os.cpu_count() or 1, math.ceil(max(w.num_workers, w.max_workers or 0) * w.num_cpus))
+    learner = w.learner_num_cpus if w.learner == "actor" else 0.0
+    cpus = max(os.cpu_count() or 1, math.ceil(max(w.num_workers, w.max_workers or 0) * w.num_cpus + learner))
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
              _node_ip_address="127.0.0.1")
     return True
@@ -183,10 +184,25 @@ class WorkerGroup:
         self._store = getattr(cfg.task, "store", None)
         self._shipped: list | None = None  # [object ref of the store's bytes, content hash] once shipped
         self._reducers: dict[str, Any] = {}  # node id -> NodeReducer actor (reduce: node)
+        self._check_capacity()
         for _ in range(self._w.num_workers):
             self._spawn()
         for slot in list(self._slots):
             self._start(slot)
+
+    def _check_capacity(self) -> None:
+        """Fail fast when the workers can never be placed (a fixed cluster too small for them); on an
+        autoscaling cluster the missing nodes may still come, so only warn."""
+        w, total = self._w, ray.cluster_resources()
+        short = [f"{w.num_workers} x {need:g} {kind} > {total.get(kind, 0):g} in the cluster"
+                 for kind, need in (("CPU", w.num_cpus), ("GPU", w.num_gpus)) if w.num_workers * need > total.get(kind, 0)]
+        if not short:
+            return
+        message = f"workers do not fit: {'; '.join(short)}; lower workers.num_workers or workers.num_cpus/num_gpus"
+        if self._started_ray:
+            self.close()
+            raise ConfigError(message)
+        log.warning("%s (waiting: an autoscaler may add nodes)", message)
 
     def _start(self, slot: _Slot) -> None:
         try:

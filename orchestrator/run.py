@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -19,9 +20,9 @@ from learners.algorithm import Algorithm
 from learners.params import ParamSpec, Params
 from orchestrator import checkpoint, plots
 from orchestrator.build import build_algorithm, build_tasks
-from orchestrator.config import Config, SineTaskConfig
+from orchestrator.config import Config, SineTaskConfig, parse_config
 from orchestrator.evaluate import Score, evaluate_all, mean_ci, table, to_json
-from orchestrator.group import LocalGroup, WorkerGroup, make_group
+from orchestrator.group import LocalGroup, WorkerGroup, connect, make_group
 from orchestrator.learner import CentralLearner
 from orchestrator.tracking import MlflowTracker, NullTracker, open_tracker
 from tasks.episode import EpisodeIds, Purpose
@@ -46,7 +47,13 @@ class TrainResult:
 
 def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdout,
           parent_run_id: str | None = None) -> TrainResult:
-    """Meta-train per ``cfg`` (continuing the run's checkpoint when ``resume``), evaluate, save, track."""
+    """Meta-train per ``cfg`` (continuing the run's checkpoint when ``resume``), evaluate, save, track.
+
+    With ``workers.learner: actor`` all of it runs inside a Ray actor with its own resources (the
+    driver only waits), so a cluster's head node, where ``ray job submit`` runs the command, does no work.
+    """
+    if cfg.workers.learner == "actor":
+        return _train_in_actor(cfg, resume, evaluate, parent_run_id)
     run_dir = cfg.run_dir
     ckpt_path = run_dir / checkpoint.FILENAME
     for split in ("train", "eval"):
@@ -129,6 +136,31 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdo
         if unsent:
             print(f"tracking: {unsent} metrics are waiting in {run_dir} for the store; --resume sends them",
                   file=out)
+
+
+class _LearnerActor:
+    def train(self, config: dict, resume: bool, evaluate: bool, parent_run_id: str | None) -> TrainResult:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        cfg = parse_config(config)
+        cfg = cfg.model_copy(update={"workers": cfg.workers.model_copy(update={"learner": "driver"})})
+        return train(cfg, resume, evaluate, parent_run_id=parent_run_id)
+
+
+def _train_in_actor(cfg: Config, resume: bool, evaluate: bool, parent_run_id: str | None) -> TrainResult:
+    import ray
+    from ray.exceptions import RayTaskError
+
+    started = connect(cfg)
+    w = cfg.workers
+    actor = ray.remote(_LearnerActor).options(num_cpus=w.learner_num_cpus, num_gpus=w.learner_num_gpus).remote()
+    try:
+        return ray.get(actor.train.remote(cfg.model_dump(mode="json"), resume, evaluate, parent_run_id))
+    except RayTaskError as e:
+        raise e.as_instanceof_cause() from None  # e.g. a CheckpointError: the CLI reports it as a user error
+    finally:
+        ray.kill(actor)
+        if started:
+            ray.shutdown()
 
 
 def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.stdout) -> Results:

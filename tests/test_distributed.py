@@ -138,3 +138,13 @@ def test_straggler_is_overtaken_after_the_deadline_and_changes_nothing(tmp_path)
     assert elapsed < 45, "the run waited for the straggler instead of overtaking it"
     assert slow.history["orchestrator/stragglers"][-1] >= 1
     assert torch.equal(flat(clean.params), flat(slow.params))
+
+
+def test_learner_as_its_own_actor_gives_the_same_theta(tmp_path):
+    driver = train(tiny_config(tmp_path / "driver", workers={"mode": "ray", "num_workers": 2}), evaluate=False)
+    # The session's Ray has 2 CPUs: half a CPU each for two workers and the learner.
+    actor = train(tiny_config(tmp_path / "actor", workers={"mode": "ray", "num_workers": 2, "num_cpus": 0.5,
+                                                           "learner": "actor", "learner_num_cpus": 0.5}),
+                  evaluate=False)
+    assert torch.equal(flat(driver.params), flat(actor.params))
+    assert (tmp_path / "actor" / "runs" / "tiny" / "checkpoint.pt").exists()
