@@ -12,13 +12,10 @@ Every run trains exactly as ``metaray train CONFIG --set ...`` (same code path) 
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
-from orchestrator import checkpoint
+from reuse import train_or_reuse
+
 from orchestrator.config import load_config
-from orchestrator.run import train
 
 
 def main() -> None:
@@ -40,14 +37,8 @@ def main() -> None:
         if len(rest) > 1:
             sets.append(f"outer.steps={rest[1]}")
         cfg = load_config(path, sets)
-        done = cfg.run_dir / "eval.json"
-        if not (done.exists() and checkpoint.load(cfg.run_dir).step == cfg.outer.steps):
-            start = time.perf_counter()
-            train(cfg, resume=(cfg.run_dir / checkpoint.FILENAME).exists())
-            (cfg.run_dir / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-        res = json.loads(done.read_text())["test"]
-        secs = (cfg.run_dir / "train_seconds.txt")
-        rows.append((cfg, res, secs.read_text().strip() if secs.exists() else "?"))
+        res, secs = train_or_reuse(cfg)
+        rows.append((cfg, res["test"], secs))
 
     print("\n| run | way-shot | algorithm | meta-steps x tasks | test accuracy (0 steps) | after adaptation steps | train s |")
     print("|---|---|---|---|---|---|---|")

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
-import time
-from pathlib import Path
 
-from orchestrator import checkpoint
+from reuse import train_or_reuse
+
 from orchestrator.config import load_config
-from orchestrator.run import train
 
 ORDER = ["maml", "fomaml", "anil", "reptile", "hypernet", "transfer", "scratch"]
 
@@ -35,12 +32,7 @@ def main() -> None:
         cfg = load_config(path, [f"run.dir={args.dir}", *args.overrides])
         if cfg.algorithm.name != "scratch":
             cfg = load_config(path, [f"run.dir={args.dir}", f"outer.steps={args.steps}", *args.overrides])
-        done = cfg.run_dir / "eval.json"
-        if not (done.exists() and checkpoint.load(cfg.run_dir).step == cfg.outer.steps):
-            start = time.perf_counter()
-            train(cfg, resume=(cfg.run_dir / checkpoint.FILENAME).exists())
-            (cfg.run_dir / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-        rows[cfg.algorithm.name] = (cfg, json.loads(done.read_text()))
+        rows[cfg.algorithm.name] = (cfg, *train_or_reuse(cfg))
 
     print(f"\nsine regression, K=10, 600 held-out tasks, query MSE mean ± 95% CI ({args.steps} meta-steps)\n")
     evaluations = next(iter(rows.values()))[1].keys()
@@ -48,10 +40,8 @@ def main() -> None:
         print(f"| {ev} | 0 steps | 1 step | 10 steps | meta-steps | train s |")
         print("|---|---|---|---|---|---|")
         for name in sorted(rows, key=lambda n: ORDER.index(n) if n in ORDER else 99):
-            cfg, res = rows[name]
+            cfg, res, t = rows[name]
             cells = [f"{res[ev]['loss'][s]['mean']:.3f} ± {res[ev]['loss'][s]['ci95']:.3f}" for s in ("0", "1", "10")]
-            secs = Path(cfg.run_dir / "train_seconds.txt")
-            t = secs.read_text().strip() if secs.exists() else "?"
             print(f"| {name} | " + " | ".join(cells) + f" | {cfg.outer.steps} | {t} |")
         print()
 

@@ -21,8 +21,6 @@ class Algorithm(Protocol):
     name: str
     objective: Objective
     strategy: Strategy
-    #: False for baselines that never meta-train (training from scratch).
-    trains: bool
 
     def init_params(self, seed: int) -> Params:
         """Initial meta-parameters, a deterministic function of ``seed``."""

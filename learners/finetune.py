@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad
 
-from learners.maml import MAML, query_stats
+from learners.maml import MAML, after_stats
 from learners.params import Params
 
 
@@ -29,11 +29,11 @@ class Transfer(MAML):
         with torch.no_grad():
             pred = self.predict(params, qx)
         # No adaptation happens while pre-training, so only the "before" statistics exist.
-        stats = query_stats(self.objective, pred, pred, qy)
-        return grads, {k: v for k, v in stats.items() if k.endswith("_before")}
+        return grads, after_stats(self.objective, pred, qy, "before")
 
 
 @dataclass
 class Scratch(Transfer):
+    """Never meta-trained (the config requires outer.steps: 0): evaluation fine-tunes the initialization."""
+
     name: str = "scratch"
-    trains: bool = False

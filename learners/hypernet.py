@@ -44,7 +44,6 @@ class HyperNetwork:
     width: int = 64
     strategy: Strategy = "vmap"
     name: str = "hypernet"
-    trains: bool = True
     _spec: ParamSpec = field(init=False)
     _net: DeepSet = field(init=False)
 

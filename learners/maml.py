@@ -37,7 +37,6 @@ class MAML:
     inner_keys: tuple[str, ...] | None = None  # None: every parameter (MAML); the head: ANIL
     strategy: Strategy = "vmap"
     name: str = "maml"
-    trains: bool = True
 
     def init_params(self, seed: int) -> Params:
         return init_params(self.model, seed)
@@ -73,12 +72,12 @@ class MAML:
         return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
 
 
+def after_stats(objective: Objective, pred: torch.Tensor, y: torch.Tensor, when: str = "after") -> dict[str, torch.Tensor]:
+    """Query loss and metrics of one task's predictions, detached, named ``loss_after``, ``acc_after``, ..."""
+    pred = pred.detach()
+    return {f"{k}_{when}": v for k, v in {"loss": objective.loss(pred, y), **objective.metrics(pred, y)}.items()}
+
+
 def query_stats(objective: Objective, pred_before: torch.Tensor, pred_after: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Query loss (and metrics) of one task before and after adaptation, detached."""
-    pred_before, pred_after = pred_before.detach(), pred_after.detach()
-    out = {"loss_before": objective.loss(pred_before, y), "loss_after": objective.loss(pred_after, y)}
-    for k, v in objective.metrics(pred_before, y).items():
-        out[f"{k}_before"] = v
-    for k, v in objective.metrics(pred_after, y).items():
-        out[f"{k}_after"] = v
-    return out
+    return {**after_stats(objective, pred_before, y, "before"), **after_stats(objective, pred_after, y)}

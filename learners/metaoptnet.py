@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from learners.classifier import Classifier, embed, feature_params
+from learners.maml import after_stats
 from learners.objective import Objective
 from learners.params import Params, init_params, materialize
 from learners.ridge_head import ridge_dual
@@ -48,7 +50,6 @@ class MetaOptNet:
     label_smoothing: float = 0.0
     strategy: Strategy = "loop"
     name: str = "metaoptnet-svm"
-    trains: bool = True
 
     def init_params(self, seed: int) -> Params:
         params = {k: v for k, v in init_params(self.model, seed).items() if k not in self.model.head_keys}
@@ -69,36 +70,44 @@ class MetaOptNet:
         if self.solver == "cvxpylayers":
             from learners.svm_cvxpy import svm_dual_cvxpy  # the reference path; imports cvxpy only when chosen
 
-            alpha = svm_dual_cvxpy(support, labels, self.n_way, self.C).to(support.dtype)
+            try:
+                alpha = svm_dual_cvxpy(support, labels, self.n_way, self.C).to(support.dtype)
+            except Exception:  # noqa: BLE001 - a failed conic solve drops the batch's tasks, like a failed IPM
+                return torch.zeros(*labels.shape, self.n_way, dtype=support.dtype), torch.zeros(
+                    len(labels), dtype=torch.bool)
             return alpha, alpha.detach().reshape(len(alpha), -1).sum(1).isfinite()
         res = svm_dual(support, labels, self.n_way, self.C, max_iter=iters)
         return res.x, res.ok
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
-        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-        support = self._embed_tasks(leaves, batch.support_x)
-        query = self._embed_tasks(leaves, batch.query_x)
+        leaves, spec = tree_flatten({k: v.detach().requires_grad_() for k, v in params.items()})
+        p = tree_unflatten(leaves, spec)
+        support = self._embed_tasks(p, batch.support_x)
+        query = self._embed_tasks(p, batch.query_x)
+        # A task whose embeddings are not finite is zeroed before the solve and dropped: it cannot poison the
+        # others, which share the batched solver and the backward pass.
+        with torch.no_grad():
+            finite = support.sum((1, 2)).isfinite() & query.sum((1, 2)).isfinite()
+        support = torch.where(finite.view(-1, 1, 1), support, 0.0)
+        query = torch.where(finite.view(-1, 1, 1), query, 0.0)
         alpha, ok = self._dual(support, batch.support_y, self.train_iters)
-        logits = dual_readout(query, support, alpha) * leaves["scale"]
+        logits = dual_readout(query, support, alpha) * p["scale"]
         losses = torch.stack([F.cross_entropy(lg, y, label_smoothing=self.label_smoothing)
                               for lg, y in zip(logits, batch.query_y)])
-        ok = ok & losses.detach().isfinite()
+        ok = ok & finite & losses.detach().isfinite()
         kept = int(ok.sum())
-        grads = {k: torch.zeros_like(v) for k, v in leaves.items()}
+        grads = [torch.zeros_like(v) for v in leaves]
         if kept:
-            values = torch.autograd.grad(losses[ok].sum(), list(leaves.values()), allow_unused=True)
-            grads = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, values)}
-            if not all(bool(g.sum().isfinite()) for g in grads.values()):  # finite losses, non-finite gradient
-                grads, kept, ok = {k: torch.zeros_like(v) for k, v in leaves.items()}, 0, torch.zeros_like(ok)
+            values = torch.autograd.grad(losses[ok].sum(), leaves, allow_unused=True)
+            grads = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, values)]
+            if not all(bool(g.sum().isfinite()) for g in grads):  # finite losses, non-finite gradient
+                grads, kept, ok = [torch.zeros_like(v) for v in leaves], 0, torch.zeros_like(ok)
         stats: dict[str, float] = {}
-        with torch.no_grad():
-            for lg, y, keep in zip(logits.detach(), batch.query_y, ok.tolist()):
-                if keep:
-                    row = {"loss_after": self.objective.loss(lg, y), **{
-                        f"{k}_after": v for k, v in self.objective.metrics(lg, y).items()}}
-                    for k, v in row.items():
-                        stats[k] = stats.get(k, 0.0) + float(v)
-        return Summed(grads, stats, kept, len(batch) - kept, ok.tolist())
+        for lg, y, keep in zip(logits.detach(), batch.query_y, ok.tolist()):
+            if keep:
+                for k, v in after_stats(self.objective, lg, y).items():
+                    stats[k] = stats.get(k, 0.0) + float(v)
+        return Summed(tree_unflatten(grads, spec), stats, kept, len(batch) - kept, ok.tolist())
 
     def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         support = embed(self.model, params, support_x)[None]

@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from learners.classifier import Classifier, embed, feature_params
+from learners.maml import after_stats
 from learners.objective import Objective
 from learners.params import Params, init_params, materialize
 from learners.strategy import Strategy, Summed, sum_over_tasks
@@ -41,7 +42,6 @@ class ProtoNet:
     n_way: int
     strategy: Strategy = "vmap"
     name: str = "protonet"
-    trains: bool = True
 
     def init_params(self, seed: int) -> Params:
         return {k: v for k, v in init_params(self.model, seed).items() if k not in self.model.head_keys}
@@ -64,10 +64,7 @@ class ProtoNet:
             return self.objective.loss(pred, qy), pred
 
         grads, pred = grad(query_loss, has_aux=True)(params)
-        pred = pred.detach()
-        stats = {"loss_after": self.objective.loss(pred, qy)}
-        stats.update({f"{k}_after": v for k, v in self.objective.metrics(pred, qy).items()})
-        return grads, stats
+        return grads, after_stats(self.objective, pred, qy)
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
         return sum_over_tasks(self.task_gradient, params, batch, self.strategy)

@@ -1,9 +1,10 @@
 """How per-task work is spread over a batch of episodes: ``vmap`` over the task axis, or a Python loop.
 
 Which one is faster depends on the model, so it is a measured choice
-(``benchmarks/throughput.py``): on this project's 2-core CPU, vmap was ~7x
-faster for the sine MLP, while a loop was ~2.7x faster for second-order Conv-4
-MAML. Both give the same sums up to float rounding (tested).
+(``benchmarks/throughput.py``): on this project's 2-core CPU, vmap was ~10x
+faster than a loop for the sine MLP, while a loop was 1.5-2x faster than vmap
+for Conv-4 (ProtoNet, FOMAML, ANIL and MAML alike). Both give the same sums up
+to float rounding (tested).
 
 Tasks whose gradient or statistics are not finite (a diverging inner loop) are
 dropped from the sums and counted, so they never reach the meta-parameters.

@@ -23,7 +23,7 @@ from learners.objective import MSE, CrossEntropy, Objective
 from learners.protonet import ProtoNet
 from learners.reptile import Reptile
 from learners.resnet12 import ResNet12
-from orchestrator.config import Config, ImageTaskConfig, SineTaskConfig, TaskConfig
+from orchestrator.config import Config, ConfigError, ImageTaskConfig, SineTaskConfig, TaskConfig
 from tasks.episode import TaskSource
 from tasks.sine import SineTasks
 
@@ -62,8 +62,13 @@ def build_model(cfg: Config) -> tuple[nn.Module, Objective, int]:
 
         shape = ImageStore.open(cfg.task.store).image_shape
         channels, height, _ = shape
+        if height < 16:
+            raise ConfigError(f"model.backbone: {cfg.model.backbone} pools 4 times and needs images of at least "
+                              f"16x16; {cfg.task.store} holds {height}x{height} (convert with --size 28 or more)")
         if cfg.model.backbone == "resnet12":
-            net = ResNet12(channels, drop_prob=cfg.model.dropblock)
+            # DropBlock stays off: its masks would come from a process-local generator, not from the episode,
+            # and distributed steps would no longer be exact.
+            net = ResNet12(channels)
             model = Classifier(net, net.out_features(shape), cfg.task.n_way)
         else:
             model = Conv4(channels, height, cfg.task.n_way, cfg.model.width)

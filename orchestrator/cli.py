@@ -17,9 +17,12 @@ import os
 import subprocess
 import sys
 
-from orchestrator import data_cli
+from orchestrator import checkpoint, data_cli
 from orchestrator.checkpoint import CheckpointError
 from orchestrator.config import ConfigError, apply_overrides, load_config, parse_config
+from orchestrator.group import RunFailed
+from orchestrator.run import evaluate_checkpoint, train
+from orchestrator.sweep import sweep
 from orchestrator.tracking import DEFAULT_URI, TrackingError
 from tasks.store import DataError
 
@@ -73,14 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "train":
-            from orchestrator.run import train
-
             train(load_config(args.config, args.overrides), resume=args.resume)
         elif args.command == "eval":
             _eval(args)
         elif args.command == "sweep":
-            from orchestrator.sweep import sweep
-
             sweep(args.configs, args.overrides, args.grid, args.experiment, args.name)
         elif args.command == "ui":
             return _ui(args)
@@ -89,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"metaray: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"metaray: failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from orchestrator import checkpoint
-    from orchestrator.run import evaluate_checkpoint
-
     cfg = None
     if args.overrides:
         bad = [o for o in args.overrides if not o.startswith(("eval.", "workers.", "tracking."))]

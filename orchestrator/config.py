@@ -58,6 +58,10 @@ class SineTaskConfig(Strict):
 
     @model_validator(mode="after")
     def _fits(self) -> "SineTaskConfig":
+        for name in ("amplitude", "phase", "x_range", "support_x_range"):
+            lo_hi = getattr(self, name)
+            if lo_hi is not None and not lo_hi[0] <= lo_hi[1]:
+                raise _KeyError(name, f"must be [low, high] with low <= high, got {list(lo_hi)}")
         if self.k_shot + self.query > self.points_per_task:
             raise _KeyError(
                 "k_shot",
@@ -128,8 +132,6 @@ class ModelConfig(Strict):
     """Hidden layer widths of the MLP (the MAML sine regressor is [40, 40])."""
     width: PositiveInt = 64
     """Filters per Conv-4 block (64 in most papers; MAML used 32 on miniImageNet)."""
-    dropblock: float = Field(0.0, ge=0.0, lt=1.0)
-    """ResNet-12 DropBlock drop probability (0: off)."""
 
 
 class AlgorithmConfig(Strict):
@@ -193,6 +195,8 @@ class WorkersConfig(Strict):
     """Ray cluster address; None starts Ray embedded on this machine."""
     max_restarts: int = Field(-1, ge=-1)
     """Restarts per actor (-1: unlimited)."""
+    start_timeout_s: PositiveFloat = 600.0
+    """How long to wait for workers to be placed (an autoscaler may be adding nodes) before giving up."""
     shares: PositiveInt | None = None
     """Pieces each meta-batch is cut into (default num_workers). Fixed for a run, so a step's result does not
     depend on how many workers are alive; workers take shares from a queue."""
@@ -221,7 +225,7 @@ class EvalConfig(Strict):
     tasks: PositiveInt = 600
     """Held-out tasks, fixed by ``seed`` so every run is scored on the same ones."""
     seed: NonNegativeInt = 2024
-    steps: list[NonNegativeInt] = [0, 1, 10]
+    steps: list[NonNegativeInt] = Field([0, 1, 10], min_length=1)
     """Report query loss after these numbers of adaptation steps."""
     inner_lr: PositiveFloat | None = None
     """Adaptation step size at test time (default: algorithm.inner_lr)."""
@@ -270,6 +274,13 @@ class Config(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         errors: list[str] = []
+        w = self.workers
+        if w.max_workers is not None and w.max_workers < w.num_workers:
+            errors.append(f"workers.max_workers: {w.max_workers} is below workers.num_workers={w.num_workers}; "
+                          "raise it (it is the elastic upper bound) or leave it out")
+        if w.fault_injection is not None and w.fault_injection.worker >= w.num_workers:
+            errors.append(f"workers.fault_injection.worker: {w.fault_injection.worker} names no worker "
+                          f"(there are {w.num_workers}, numbered from 0)")
         if self.workers.learner == "actor" and self.workers.mode != "ray":
             errors.append("workers.learner: a learner actor needs Ray workers; set workers.mode: ray")
         if self.workers.fault_injection is not None and self.workers.mode != "ray":
@@ -284,9 +295,9 @@ class Config(Strict):
             errors.append("algorithm.name: hypernet writes the weights of a regression MLP; use task.family: sine")
         if self.algorithm.name == "scratch" and self.outer.steps:
             errors.append("outer.steps: scratch trains nothing before fine-tuning; set outer.steps: 0")
-        for name, overrides in self.eval.probes.items():
+        for name in self.eval.probes:
             try:
-                type(self.task).model_validate({**self.task.model_dump(), **overrides})
+                self.probe_task(name)
             except ValidationError as e:
                 errors.append(_format(e, prefix=("eval", "probes", name), model=type(self.task)))
         if errors:

@@ -31,15 +31,16 @@ import tempfile
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from orchestrator.checkpoint import write_atomic
 from orchestrator.config import Config, ConfigError
 from orchestrator.messages import Aggregate, aggregate, sum_grads
 from orchestrator.worker import TaskWorker
@@ -70,6 +71,10 @@ class FaultLog:
         log.warning("worker fault %d: %s", self.count, what)
 
 
+class RunFailed(RuntimeError):
+    """The run could not go on (not a user mistake); the message says what is left and how to continue."""
+
+
 class LocalGroup:
     """The in-process reference: one TaskWorker, the same shares as the Ray group, in order."""
 
@@ -95,19 +100,35 @@ class LocalGroup:
         pass
 
 
-STORE_MISSING = "metaray: image store not on this node"
+class StoreMissing(FileNotFoundError):
+    """The image store is not on this worker's node (no shared filesystem)."""
 
 
 class _RayTaskWorker(TaskWorker):
     def __init__(self, config: dict[str, Any], index: int, shipped: list | None = None):
-        # A restart re-runs this constructor; fault injection fires only in the first incarnation.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # raised by Ray's own property internals
-            restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        super().__init__(config, index, restarted=restarted, store_path=_local_store(config, shipped))
+        # A constructor that raises kills the actor, and Ray only keeps the error's text. Keep the exception
+        # and raise it from ready() instead: the group then re-raises the worker's own error, type and all.
+        self._init_error: Exception | None = None
+        try:
+            # A restart re-runs this constructor; fault injection fires only in the first incarnation.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # raised by Ray's own property internals
+                restarted = ray.get_runtime_context().was_current_actor_reconstructed
+            super().__init__(config, index, restarted=restarted, store_path=_local_store(config, shipped))
+        except Exception as e:  # noqa: BLE001 - re-raised by ready()
+            self._init_error = e
+
+    def ready(self) -> str:
+        if self._init_error is not None:
+            raise self._init_error
+        return super().ready()
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def meta_gradient_parts(self, theta: np.ndarray, ids: EpisodeIds) -> tuple[Any, np.ndarray]:
+        header, grad = super().meta_gradient_parts(theta, ids)
+        return replace(header, node=self.node_id()), grad
 
     def store_path(self) -> str | None:
         return getattr(self.cfg.task, "store", None)
@@ -120,14 +141,11 @@ def _local_store(config: dict[str, Any], shipped: list | None) -> str | None:
     if path is None or os.path.exists(path):
         return None
     if not shipped:
-        raise FileNotFoundError(f"{STORE_MISSING}: {path} (node {ray.get_runtime_context().get_node_id()[:8]})")
+        raise StoreMissing(f"image store {path} is not on node {ray.get_runtime_context().get_node_id()[:8]}")
     ref, content_hash = shipped
     cache = Path(tempfile.gettempdir()) / "metaray-data" / f"{content_hash.replace(':', '-')}.arrow"
     if not cache.exists():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_bytes(ray.get(ref))
-        os.replace(tmp, cache)
+        write_atomic(cache, ray.get(ref))
     return str(cache)
 
 
@@ -137,7 +155,12 @@ def connect(cfg: Config) -> bool:
         return False
     w = cfg.workers
     if w.address:
-        ray.init(address=w.address, logging_level=logging.WARNING, log_to_driver=True)
+        try:
+            ray.init(address=w.address, logging_level=logging.WARNING, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise ConfigError(f"workers.address: cannot connect to Ray at {w.address!r} ({reason}); start the "
+                              "cluster or fix the address (none: Ray embedded on this machine)") from None
         return True
     # Embedded: reserve enough logical CPUs for every worker even on a small laptop (they then share cores).
     learner = w.learner_num_cpus if w.learner == "actor" else 0.0
@@ -157,7 +180,6 @@ class _Slot:
     incarnation: str | None = None
     probe: Any = None  # pending ready() call while starting or suspect
     shipped: bool = False  # started with the image store's bytes at hand
-    node: str | None = None  # the node it runs on, once asked (reset when it restarts)
     since: float = field(default_factory=time.monotonic)
 
 
@@ -168,6 +190,8 @@ class WorkerGroup:
     DROP_AFTER_S = 60.0
     # How long a call waits for any worker to come back when every worker is down.
     REVIVE_TIMEOUT_S = 300.0
+    # A share that takes down this many workers is not a flaky node but a poison pill.
+    MAX_SHARE_FAILURES = 5
 
     def __init__(self, cfg: Config):
         self._started_ray = connect(cfg)
@@ -194,27 +218,46 @@ class WorkerGroup:
         """Fail fast when the workers can never be placed (a fixed cluster too small for them); on an
         autoscaling cluster the missing nodes may still come, so only warn."""
         w, total = self._w, ray.cluster_resources()
-        short = [f"{w.num_workers} x {need:g} {kind} > {total.get(kind, 0):g} in the cluster"
-                 for kind, need in (("CPU", w.num_cpus), ("GPU", w.num_gpus)) if w.num_workers * need > total.get(kind, 0)]
+        actor = w.learner == "actor"
+        short = [f"{w.num_workers} x {need:g} {kind}{' + the learner' if actor and learner else ''} > "
+                 f"{total.get(kind, 0):g} in the cluster"
+                 for kind, need, learner in (("CPU", w.num_cpus, w.learner_num_cpus), ("GPU", w.num_gpus, w.learner_num_gpus))
+                 if w.num_workers * need + (learner if actor else 0) > total.get(kind, 0) + 1e-9]
         if not short:
             return
         message = f"workers do not fit: {'; '.join(short)}; lower workers.num_workers or workers.num_cpus/num_gpus"
-        if self._started_ray:
+        if w.address is None:  # Ray embedded on this machine: no node will ever join
             self.close()
             raise ConfigError(message)
         log.warning("%s (waiting: an autoscaler may add nodes)", message)
 
     def _start(self, slot: _Slot) -> None:
         try:
-            slot.incarnation = ray.get(slot.probe)
-        except RayActorError as e:
-            if STORE_MISSING in str(e) and not slot.shipped:
-                self._ship_store()
-                self._slots.remove(slot)
-                return self._start(self._spawn(slot.index))
+            slot.incarnation = ray.get(slot.probe, timeout=self._w.start_timeout_s)
+        except GetTimeoutError:
             self.close()
-            raise RuntimeError(f"worker {slot.index} failed to start: {_actor_cause(e)}") from None
+            raise RunFailed(f"worker {slot.index} was not placed within {self._w.start_timeout_s:.0f} s: the "
+                            f"cluster has no room for {self._w.num_cpus:g} CPU / {self._w.num_gpus:g} GPU per "
+                            "worker (raise workers.start_timeout_s if nodes are still coming)") from None
+        except RayTaskError as e:
+            again = self._respawn_with_store(slot, e)
+            if again is not None:
+                return self._start(again)
+            self.close()
+            raise e.as_instanceof_cause() from None  # the worker's own error (a DataError, a ConfigError, ...)
+        except RayActorError as e:
+            self.close()
+            raise RunFailed(f"worker {slot.index} failed to start: {_actor_cause(e)}") from None
         slot.state, slot.probe = "ready", None
+
+    def _respawn_with_store(self, slot: _Slot, error: RayTaskError) -> _Slot | None:
+        """A worker whose node lacks the image store: ship the store and start it again, once."""
+        if slot.shipped or not isinstance(error.as_instanceof_cause(), StoreMissing):
+            return None
+        self._ship_store()
+        ray.kill(slot.actor, no_restart=True)
+        self._slots.remove(slot)
+        return self._spawn(slot.index)
 
     def _ship_store(self) -> None:
         """Some node lacks the image store (no shared filesystem): put it in the object store once."""
@@ -257,9 +300,13 @@ class WorkerGroup:
             by_node.setdefault(node, []).append(grad_ref)
         try:
             partials = ray.get([self._reducer(node).sum.remote(*refs) for node, refs in sorted(by_node.items())])
-        except (RayActorError, RayTaskError) as e:
+        except RayError as e:
             # A node died after computing: its gradients went with its object store. Recompute them all flat.
             self.faults.add(f"node reduction failed ({type(e).__name__}); recomputing the step's shares")
+            for node in by_node:
+                reducer = self._reducers.pop(node, None)
+                if reducer is not None:
+                    ray.kill(reducer, no_restart=True)
             return aggregate(self.map("meta_gradient", theta, shares))
         self.timing.wait_s += time.perf_counter() - start
         self.timing.total_s += time.perf_counter() - start
@@ -286,6 +333,7 @@ class WorkerGroup:
         done = [False] * len(shares)
         running: dict[Any, tuple[int, _Slot, float]] = {}  # ref -> (share, slot, started)
         copies = [0] * len(shares)
+        failures = [0] * len(shares)
         idle = deque(s for s in self._slots if s.state == "ready")
         deadline = self._w.straggler_deadline_s
 
@@ -324,13 +372,17 @@ class WorkerGroup:
             except RayActorError as e:
                 self._suspect(slot, f"worker {slot.index} died during {method} of step {shares[share].step} "
                                     f"(share {share}): {type(e).__name__}")
+                failures[share] += 1
+                if failures[share] > self.MAX_SHARE_FAILURES:  # e.g. an episode that runs every worker out of memory
+                    raise RunFailed(f"share {share} of step {shares[share].step} killed its worker "
+                                    f"{failures[share]} times; giving up (see the workers' logs)") from None
                 if not done[share] and copies[share] == 0:
                     queue.appendleft(share)
                 continue
-            if not done[share]:
-                results[share] = (value, payloads[ready[0]], self._node_of(slot)) if parts else value
-                done[share] = True
             self._note_incarnation(slot, getattr(value, "incarnation", None))
+            if not done[share]:  # with parts, `value` is the header: the gradient stays on its node
+                results[share] = (value, payloads[ready[0]], value.node) if parts else value
+                done[share] = True
             idle.append(slot)
         gathered = sum(getattr(getattr(r, "grad", None), "nbytes", 0) for r in results)
         self.timing = CallTiming(put_s, time.perf_counter() - start - put_s, time.perf_counter() - start, gathered)
@@ -353,10 +405,10 @@ class WorkerGroup:
     def _revive_any(self) -> list[_Slot]:
         pending = {s.probe: s for s in self._slots if s.state in ("suspect", "starting") and s.probe is not None}
         if not pending:
-            raise RuntimeError("no workers left: every worker was dropped; check the cluster's capacity")
+            raise RunFailed("no workers left: every worker was dropped; check the cluster's capacity")
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.REVIVE_TIMEOUT_S)
         if not ready:
-            raise RuntimeError(f"no worker came back within {self.REVIVE_TIMEOUT_S:.0f} s")
+            raise RunFailed(f"no worker came back within {self.REVIVE_TIMEOUT_S:.0f} s")
         self._settle(pending[ready[0]])
         return [s for s in self._slots if s.state == "ready"]
 
@@ -364,17 +416,20 @@ class WorkerGroup:
         """Resolve a finished ready() probe: the worker is back (or started), or gone for good."""
         try:
             incarnation = ray.get(slot.probe)
+        except RayTaskError as e:
+            if self._respawn_with_store(slot, e) is None:  # e.g. a node that joined later has no copy of the data
+                ray.kill(slot.actor, no_restart=True)
+                self._slots.remove(slot)
+                log.warning("worker %d could not start (%s); continuing without it", slot.index,
+                            e.as_instanceof_cause())
+            return
         except RayActorError as e:
             self._slots.remove(slot)
-            if STORE_MISSING in str(e) and not slot.shipped:
-                self._ship_store()  # a node that joined later has no copy of the data
-                self._spawn(slot.index)
-                return
             log.warning("worker %d is gone for good (%s); continuing without it", slot.index, _actor_cause(e))
             return
         if slot.state == "starting" and slot.incarnation is None and slot.index >= self._w.num_workers:
             log.warning("worker %d joined (elastic): %d workers", slot.index, self.size + 1)
-        slot.state, slot.probe, slot.incarnation, slot.node = "ready", None, incarnation, None
+        slot.state, slot.probe, slot.incarnation = "ready", None, incarnation
 
     def _note_incarnation(self, slot: _Slot, incarnation: str | None) -> None:
         # An actor killed between calls restarts silently; a new incarnation id is how we notice.
@@ -382,7 +437,7 @@ class WorkerGroup:
             return
         if slot.incarnation is not None and slot.state != "suspect":
             self.faults.add(f"worker {slot.index} was restarted")
-        slot.incarnation, slot.node = incarnation, None
+        slot.incarnation = incarnation
 
     # -- between steps ----------------------------------------------------------------------------------
 
@@ -415,12 +470,7 @@ class WorkerGroup:
             self._spawn()
 
     def node_ids(self) -> list[str]:
-        return [self._node_of(s) for s in self._slots if s.state == "ready"]
-
-    def _node_of(self, slot: _Slot) -> str:
-        if slot.node is None:
-            slot.node = ray.get(slot.actor.node_id.remote())
-        return slot.node
+        return ray.get([s.actor.node_id.remote() for s in self._slots if s.state == "ready"])
 
     def close(self) -> None:
         for s in self._slots:

@@ -53,8 +53,9 @@ class CentralLearner:
         ids = EpisodeIds(self.cfg.run.seed, self.step, tuple(range(self.cfg.outer.meta_batch_size)))
         agg = self.group.meta_gradient(self.theta(), ids.split(self.cfg.workers.share_count))
         opt_start = time.perf_counter()
-        if agg.grad is None:
-            self.skipped_steps += 1  # every task diverged: nothing trustworthy to step on
+        if agg.grad is None or not np.isfinite(agg.grad).all():
+            # Every task diverged, or the finite per-task gradients overflowed when summed: skip the step.
+            self.skipped_steps += 1
         else:
             grads = self.spec.unflatten(torch.from_numpy(agg.grad))
             with torch.no_grad():

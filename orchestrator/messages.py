@@ -7,7 +7,7 @@ Worker -> learner: ``TaskResult``, the summed meta-gradient of its share.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,6 +23,7 @@ class TaskResult:
     compute_s: float = 0.0
     worker: int = 0
     incarnation: str = ""  # changes when the actor process is restarted
+    node: str = ""  # the Ray node that computed it (where its gradient lies for a node reducer)
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,12 @@ class Aggregate:
     tasks: int
     dropped: int
     compute_s: float = 0.0
-    per_worker_tasks: list[int] = field(default_factory=list)
 
 
 def sum_grads(grads: list[np.ndarray]) -> np.ndarray:
-    """Sum in float64: a few dozen float32 shares add up exactly enough that the float32 mean does not
-    depend on how they were grouped (share by share here, node by node in ``group.NodeReducer``)."""
+    """Sum in float64. Float64 addition is not associative either, but its rounding (~1e-16 relative) is far
+    below float32's, so the float32 mean almost never depends on how the shares were grouped (share by
+    share here, node by node in ``group.NodeReducer``): flat and node-reduced runs are tested bit-identical."""
     total = np.zeros(grads[0].shape, dtype=np.float64)
     for g in grads:
         total += g
@@ -50,9 +51,8 @@ def aggregate(results: list[TaskResult], partial_sums: list[np.ndarray] | None =
     dropped = sum(r.dropped for r in results)
     compute_s = max((r.compute_s for r in results), default=0.0)
     if tasks == 0:
-        return Aggregate(None, {}, 0, dropped, compute_s, [r.tasks for r in results])
+        return Aggregate(None, {}, 0, dropped, compute_s)
     total = sum_grads(partial_sums if partial_sums is not None else [r.grad for r in results])
     keys = sorted({k for r in results for k in r.stats})
     stats = {k: sum(r.stats.get(k, 0.0) for r in results) / tasks for k in keys}
-    return Aggregate((total / tasks).astype(np.float32), stats, tasks, dropped, compute_s,
-                     [r.tasks for r in results])
+    return Aggregate((total / tasks).astype(np.float32), stats, tasks, dropped, compute_s)

@@ -30,7 +30,7 @@ def learning_curves(history: dict[str, list[float]], first_step: int, window: in
     for ax, (keys, ylabel, log) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for k in keys:
             smooth = np.convolve(np.asarray(history[k], dtype=float), np.ones(w) / w, mode="valid")
-            ax.plot(np.arange(len(smooth)) + first_step + w, smooth, label=k)
+            ax.plot(np.arange(len(smooth)) + first_step + w - 1, smooth, label=k)  # a window ends at its step
         ax.set_xlabel("meta-step")
         ax.set_ylabel(ylabel)
         if log:

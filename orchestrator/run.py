@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 import numpy as np
 import torch
 
@@ -22,7 +23,7 @@ from orchestrator import checkpoint, plots
 from orchestrator.build import build_algorithm, build_tasks
 from orchestrator.config import Config, SineTaskConfig, parse_config
 from orchestrator.evaluate import Score, evaluate_all, mean_ci, table, to_json
-from orchestrator.group import LocalGroup, WorkerGroup, connect, make_group
+from orchestrator.group import LocalGroup, RunFailed, WorkerGroup, connect, make_group
 from orchestrator.learner import CentralLearner
 from orchestrator.tracking import MlflowTracker, NullTracker, open_tracker
 from tasks.episode import EpisodeIds, Purpose
@@ -43,10 +44,11 @@ class TrainResult:
     history: dict[str, list[float]]  # per meta-step of this process: meta/*, inner/*, orchestrator/*
     run_id: str | None
     test_curve: tuple[np.ndarray, np.ndarray] | None  # held-out query loss (mean, 95% CI) after 0..k steps
+    learner_pid: int  # the process that ran the learner (this one, or a learner actor's)
 
 
 def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdout,
-          parent_run_id: str | None = None) -> TrainResult:
+          parent_run_id: str | None = None, stop: Callable[[], bool] | None = None) -> TrainResult:
     """Meta-train per ``cfg`` (continuing the run's checkpoint when ``resume``), evaluate, save, track.
 
     With ``workers.learner: actor`` all of it runs inside a Ray actor with its own resources (the
@@ -78,8 +80,9 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdo
         group = make_group(cfg)
         learner = CentralLearner(cfg, params, group, optimizer_state, step, state.get("skipped_steps", 0))
         group.faults.count = state.get("faults", 0)
-        _write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-        tracker.log_params({**cfg.flat(), "resources.worker_count": group.size})
+        group.faults.stragglers = state.get("stragglers", 0)
+        checkpoint.write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        tracker.log_params({**cfg.flat(), **_resources(cfg, group)})
         tracker.log_artifact(run_dir / "config.yaml")
         history: dict[str, list[float]] = {}
         first_step = learner.step
@@ -87,12 +90,15 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdo
         def save() -> None:
             checkpoint.save(ckpt_path, step=learner.step, params=learner.params,
                             optimizer=learner.optimizer.state_dict(), config=cfg,
-                            state={"faults": group.faults.count, "skipped_steps": learner.skipped_steps,
+                            state={"faults": group.faults.count, "stragglers": group.faults.stragglers,
+                                   "skipped_steps": learner.skipped_steps,
                                    "mlflow_run_id": tracker.run_id})
 
         started = time.perf_counter()
         try:
             while learner.step < cfg.outer.steps:
+                if stop is not None and stop():
+                    raise KeyboardInterrupt  # asked to stop from outside (the learner actor was cancelled)
                 metrics = learner.meta_step()
                 tracker.log_metrics(metrics, learner.step - 1)
                 for k, v in metrics.items():
@@ -128,7 +134,8 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdo
                   file=out)
         status = "FINISHED"
         return TrainResult(learner.params, learner.step, group.faults.count, list(group.faults.events),
-                           learner.skipped_steps, results, run_dir, history, tracker.run_id, test_curve)
+                           learner.skipped_steps, results, run_dir, history, tracker.run_id, test_curve,
+                           os.getpid())
     finally:
         if group is not None:
             group.close()
@@ -143,20 +150,35 @@ class _LearnerActor:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         cfg = parse_config(config)
         cfg = cfg.model_copy(update={"workers": cfg.workers.model_copy(update={"learner": "driver"})})
-        return train(cfg, resume, evaluate, parent_run_id=parent_run_id)
+        import ray
+
+        # ray.cancel on a running method of a regular actor only raises a flag: poll it once per meta-step.
+        return train(cfg, resume, evaluate, parent_run_id=parent_run_id,
+                     stop=lambda: ray.get_runtime_context().is_canceled())
 
 
 def _train_in_actor(cfg: Config, resume: bool, evaluate: bool, parent_run_id: str | None) -> TrainResult:
     import ray
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import RayActorError, RayTaskError
 
     started = connect(cfg)
     w = cfg.workers
     actor = ray.remote(_LearnerActor).options(num_cpus=w.learner_num_cpus, num_gpus=w.learner_num_gpus).remote()
+    ref = actor.train.remote(cfg.model_dump(mode="json"), resume, evaluate, parent_run_id)
     try:
-        return ray.get(actor.train.remote(cfg.model_dump(mode="json"), resume, evaluate, parent_run_id))
+        return ray.get(ref)
+    except KeyboardInterrupt:
+        ray.cancel(ref)  # the learner checkpoints at the end of its current step, closes its MLflow run, stops
+        try:
+            ray.get(ref, timeout=cfg.tracking.close_timeout_s + 60)
+        except Exception:  # noqa: BLE001 - it ends with the interruption we asked for
+            pass
+        raise
     except RayTaskError as e:
         raise e.as_instanceof_cause() from None  # e.g. a CheckpointError: the CLI reports it as a user error
+    except RayActorError as e:
+        raise RunFailed(f"the learner actor died ({type(e).__name__}); its last checkpoint is in {cfg.run_dir}: "
+                        "continue with --resume") from None
     finally:
         ray.kill(actor)
         if started:
@@ -175,7 +197,8 @@ def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.std
         tracker.log_params({**cfg.flat(), "eval.checkpoint": str(ckpt.path), "eval.checkpoint_step": ckpt.step})
         group = make_group(cfg)
         theta = ParamSpec.of(ckpt.params).flatten(ckpt.params).numpy().astype(np.float32)
-        results, _ = _evaluate_and_report(cfg, algorithm, group, theta, tracker, ckpt.step, ckpt.path.parent, out)
+        results, _ = _evaluate_and_report(cfg, algorithm, group, theta, tracker, ckpt.step, ckpt.path.parent, out,
+                                          name=f"eval-{tracker.run_id or time.strftime('%Y%m%d-%H%M%S')}.json")
         status = "FINISHED"
         return results
     finally:
@@ -185,10 +208,11 @@ def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.std
 
 
 def _evaluate_and_report(cfg: Config, algorithm: Algorithm, group: LocalGroup | WorkerGroup, theta: np.ndarray,
-                         tracker: MlflowTracker | NullTracker, step: int, out_dir: Path, out):
+                         tracker: MlflowTracker | NullTracker, step: int, out_dir: Path, out, name: str = "eval.json"):
     results, curves = evaluate_all(cfg, group, theta)
     print(table(algorithm.name, results), file=out)
-    _write_atomic(out_dir / "eval.json", json.dumps(to_json(results), indent=2))
+    # `metaray eval` writes a file of its own: the training run's eval.json is never overwritten.
+    checkpoint.write_atomic(out_dir / name, json.dumps(to_json(results), indent=2))
     summary = {}
     for ev, metrics in results.items():
         for m, by_step in metrics.items():
@@ -221,6 +245,18 @@ def _log_plots(cfg: Config, algorithm: Algorithm, theta: np.ndarray, tracker, cu
             tracker.log_figure(fig, f"sine_fits_{name}")
 
 
+def _resources(cfg: Config, group: LocalGroup | WorkerGroup) -> dict[str, object]:
+    """What the run actually got: live workers, shares per step, and the Ray cluster's CPUs/GPUs."""
+    out: dict[str, object] = {"resources.workers": group.size, "resources.shares": cfg.workers.share_count}
+    if isinstance(group, WorkerGroup):
+        import ray
+
+        total = ray.cluster_resources()
+        out.update({"resources.cluster_cpus": total.get("CPU", 0), "resources.cluster_gpus": total.get("GPU", 0),
+                    "resources.nodes": sum(n["Alive"] for n in ray.nodes())})
+    return out
+
+
 def _eval_batch(cfg: Config, n: int):
     return build_tasks(cfg.task, "eval").sample(EpisodeIds(cfg.eval.seed, 0, tuple(range(n)), Purpose.EVAL))
 
@@ -236,10 +272,5 @@ def _progress(out, step: int, total: int, m: dict[str, float], elapsed: float) -
     print(" | ".join(parts), file=out, flush=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 

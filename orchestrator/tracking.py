@@ -4,7 +4,7 @@ Default store: ``sqlite:///mlflow.db`` in the working directory (MLflow 3
 refuses the plain file store unless opted in); ``MLFLOW_TRACKING_URI`` or
 ``tracking.uri`` override it. The store is checked before training starts: a
 bad URI is a user error (exit 2). After that, tracking never kills training:
-metrics go through ``MetricWriter`` (asynchronous, batched, buffered while the
+metrics go through ``MetricWriter`` in its own process (asynchronous, batched, buffered while the
 store is down), and a failing artifact upload is reported and skipped.
 
 A resumed run continues the same MLflow run (its id is kept in the
@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 
 from orchestrator.config import Config
-from orchestrator.metric_writer import MetricWriter
+from orchestrator.metric_writer import MetricProcess
 
 log = logging.getLogger("metaray")
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -85,8 +85,7 @@ class MlflowTracker:
         self.run_id = run_id
         spill = (run_dir or cfg.run_dir) / f"tracking-spill-{run_id}.jsonl"
         t = cfg.tracking
-        self.writer = MetricWriter(lambda ms: self.client.log_batch(run_id, metrics=ms), spill,
-                                   t.flush_every_s, t.max_buffered_metrics)
+        self.writer = MetricProcess(self.uri, run_id, spill, t.flush_every_s, t.max_buffered_metrics)
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -110,7 +109,10 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self._recorded:
-            metrics = {k: v for k, v in metrics.items() if step > self._recorded.get(k, -1)}
+            # Meta-steps a crashed process already recorded are not recorded again; evaluation metrics are
+            # (a resumed run that trains further is evaluated anew, at the same adaptation-step numbers).
+            metrics = {k: v for k, v in metrics.items()
+                       if k.startswith("eval/") or step > self._recorded.get(k, -1)}
         if metrics:
             self.writer.add(metrics, step)
 
@@ -137,7 +139,9 @@ class MlflowTracker:
         """``metric`` histories (by step) of the other finished runs in this experiment, by run name."""
 
         def fetch() -> dict[str, list[float]]:
-            runs = self.client.search_runs([self.experiment_id], f"metrics.`{metric}` >= 0", max_results=50)
+            runs = self.client.search_runs([self.experiment_id],
+                                           f"metrics.`{metric}` >= 0 and attributes.status = 'FINISHED'",
+                                           max_results=50)
             out = {}
             for r in runs:
                 if r.info.run_id != self.run_id:

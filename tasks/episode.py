@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -93,15 +93,6 @@ class EpisodeBatch:
             return t.to(device, dtype if (dtype is not None and t.is_floating_point()) else None)
 
         return EpisodeBatch(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y))
-
-    @staticmethod
-    def stack(episodes: Sequence["EpisodeBatch"]) -> "EpisodeBatch":
-        return EpisodeBatch(
-            torch.cat([e.support_x for e in episodes]),
-            torch.cat([e.support_y for e in episodes]),
-            torch.cat([e.query_x for e in episodes]),
-            torch.cat([e.query_y for e in episodes]),
-        )
 
 
 class TaskSource(Protocol):

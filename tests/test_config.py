@@ -52,8 +52,10 @@ def test_overrides_are_typed_yaml_values(tmp_path):
 
 
 def test_config_is_frozen():
+    from pydantic import ValidationError
+
     cfg = parse_config({})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.outer.lr = 1.0  # type: ignore[misc]
 
 

@@ -1,5 +1,6 @@
 """Real Ray: distributed == in-process, determinism, surviving dead workers, the worker's own errors."""
 
+import os
 import time
 
 import numpy as np
@@ -148,3 +149,4 @@ def test_learner_as_its_own_actor_gives_the_same_theta(tmp_path):
                   evaluate=False)
     assert torch.equal(flat(driver.params), flat(actor.params))
     assert (tmp_path / "actor" / "runs" / "tiny" / "checkpoint.pt").exists()
+    assert driver.learner_pid == os.getpid() and actor.learner_pid != os.getpid()  # it really ran in an actor

@@ -92,7 +92,7 @@ def test_vmap_equals_loop_on_conv4(make):
 
 @pytest.mark.parametrize("name, make, lr, steps", [
     ("protonet", lambda m: ProtoNet(m, CrossEntropy(), n_way=5), 3e-3, 40),
-    ("maml", lambda m: MAML(m, CrossEntropy(), inner_steps=1, inner_lr=0.4), 3e-3, 40),
+    ("maml", lambda m: MAML(m, CrossEntropy(), inner_steps=1, inner_lr=0.4), 1e-2, 40),
     ("fomaml", lambda m: MAML(m, CrossEntropy(), inner_steps=1, inner_lr=0.4, first_order=True), 1e-2, 120),
 ])
 def test_learns_above_chance_through_conv4_with_batch_norm(name, make, lr, steps):

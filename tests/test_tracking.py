@@ -66,7 +66,8 @@ def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
         assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
         expected = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in cfg.flat().items()}
         assert {k: run.data.params[k] for k in expected} == expected
-        assert run.data.params["resources.worker_count"] == "2"
+        assert run.data.params["resources.workers"] == "1"  # in-process: one worker, the learner's
+        assert run.data.params["resources.shares"] == "2"
         assert run.data.tags["metaray.algorithm"] == cfg.algorithm.name
         assert run.data.tags["metaray.task_family"] == "sine" and "metaray.version" in run.data.tags
         for key in PER_STEP:
@@ -128,12 +129,17 @@ def test_server_down_mid_run_loses_and_duplicates_nothing(tmp_path, server):
 
 
 def test_resume_continues_the_same_run_with_continuous_steps(tmp_path, mlflow_store):
-    first = train(tracked(tmp_path, mlflow_store, outer={"steps": 4}), evaluate=False)
-    resumed = train(tracked(tmp_path, mlflow_store, outer={"steps": 9}), resume=True, evaluate=False)
+    first = train(tracked(tmp_path, mlflow_store, outer={"steps": 4}))
+    resumed = train(tracked(tmp_path, mlflow_store, outer={"steps": 9}), resume=True)
     assert resumed.run_id == first.run_id
     client = MlflowClient(mlflow_store)
     for key in PER_STEP:
         assert steps_of(client, first.run_id, key) == list(range(9)), key
+    # The resumed run's evaluation is recorded too (not filtered out as "already logged").
+    latest = client.get_run(first.run_id).data.metrics
+    assert latest["eval/test/loss_step1"] == pytest.approx(resumed.results["test"]["loss"][1].mean)
+    curve = [m for m in client.get_metric_history(first.run_id, "eval/test/loss_curve") if m.step == 1]
+    assert any(m.value == pytest.approx(float(resumed.test_curve[0][1])) for m in curve)
 
 
 def test_resume_after_a_crash_does_not_record_steps_twice(tmp_path, mlflow_store):
@@ -243,7 +249,7 @@ def test_writer_buffers_spills_and_recovers_without_loss(tmp_path):
     deadline = time.monotonic() + 10
     while not spill.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert spill.exists() and writer.pending == 80  # 30 in memory, the oldest 50 on disk
+    assert spill.exists() and writer.pending == 80  # 50 in memory or in flight, the oldest 30 on disk
     state["up"] = True
     assert writer.close(timeout_s=30) == 0
     got = sorted((m.key, m.step, m.value) for m in received)
