@@ -14,6 +14,7 @@ numbers stay continuous without duplicates.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -127,8 +128,7 @@ class MlflowTracker:
         import learners
 
         def log() -> None:
-            mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=self.run_id):
+            with _fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id):
                 mlflow.pytorch.log_model(module, name="model", input_example=input_example,
                                          code_paths=[str(Path(learners.__file__).parent)],
                                          pip_requirements=[f"torch=={metadata.version('torch')}"])
@@ -162,6 +162,22 @@ class MlflowTracker:
         except Exception as e:  # noqa: BLE001 - tracking never kills training
             log.warning("tracking: %s failed (%s); training goes on", getattr(fn, "__name__", "call"), _short(e))
             return default
+
+
+@contextlib.contextmanager
+def _fluent_uri(uri: str):
+    """MLflow's fluent API (needed by log_model) reads a process-wide URI, and setting it also sets
+    $MLFLOW_TRACKING_URI: restore both, or the next run in this process would track to this store."""
+    old_env, old_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_uri)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def open_tracker(cfg: Config, **kwargs: Any) -> MlflowTracker | NullTracker:

@@ -80,11 +80,14 @@ def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
                   "plots/loss_vs_steps.png", "plots/sine_fits_test.png"):
             assert f in files, (f, files)
     # The model artifact is a real MLflow PyTorch model holding the trained θ.
-    mlflow.set_tracking_uri(server.url)
-    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    from orchestrator.tracking import _fluent_uri
+
+    with _fluent_uri(server.url):
+        models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+        maml_model = next(m for m in models if m.source_run_id == results[0].run_id)
+        module = mlflow.pytorch.load_model(maml_model.model_uri)
     assert len(models) == 2
-    maml_model = next(m for m in models if m.source_run_id == results[0].run_id)
-    module = mlflow.pytorch.load_model(maml_model.model_uri)
+    assert os.environ["MLFLOW_TRACKING_URI"] != server.url  # nothing leaked into the process-wide default
     x = torch.linspace(-5, 5, 7)[:, None]
     from orchestrator.build import build_algorithm
 
