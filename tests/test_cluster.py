@@ -4,7 +4,7 @@ ray, token auth, dashboard on 127.0.0.1); the KubeRay manifests carry what a GPU
 and cluster/local_cluster.sh really starts a head + 2 workers and then ends every process it
 started, and nothing else.
 
-The real-cluster test is marked ``cluster``: ``python -m pytest -m cluster tests/test_cluster.py``.
+The real-cluster tests are marked ``cluster`` (they run by default; select them alone with ``-m cluster``).
 """
 
 from __future__ import annotations
