@@ -66,7 +66,7 @@ def main() -> None:
     mb = args.meta_batch or base.outer.meta_batch_size
     print(f"{args.config}: meta-batch {mb}, {args.steps} steps (+{args.warmup} warm-up), {os.cpu_count()} CPUs; "
           "median per step, times in ms")
-    print(f"{'algorithm':<10}{'setup':<17}{'tasks/s':>9}{'step':>9}{'compute':>9}{'put':>7}{'disp+get':>9}"
+    print(f"{'algorithm':<17}{'setup':<17}{'tasks/s':>9}{'step':>9}{'compute':>9}{'put':>7}{'disp+get':>9}"
           f"{'optim':>7}{'other':>7}{'overhead':>9}{'KB/step':>9}")
     for alg in algorithms:
         for name in args.setups.split(","):
@@ -76,7 +76,7 @@ def main() -> None:
             m = measure(load_config(args.config, sets), args.steps, args.warmup)
             step = m["perf/step_s"]
             other = step - m["perf/compute_s"] - m["perf/put_s"] - m["perf/dispatch_get_s"] - m["perf/optimizer_s"]
-            print(f"{alg:<10}{name:<17}{mb / step:>9.1f}{step * 1e3:>9.2f}{m['perf/compute_s'] * 1e3:>9.2f}"
+            print(f"{alg:<17}{name:<17}{mb / step:>9.1f}{step * 1e3:>9.2f}{m['perf/compute_s'] * 1e3:>9.2f}"
                   f"{m['perf/put_s'] * 1e3:>7.2f}{m['perf/dispatch_get_s'] * 1e3:>9.2f}"
                   f"{m['perf/optimizer_s'] * 1e3:>7.2f}{max(0.0, other) * 1e3:>7.2f}"
                   f"{1 - m['perf/compute_s'] / step:>9.0%}{m['bytes_per_step'] / 1024:>9.1f}", flush=True)
