@@ -4,19 +4,23 @@ Runs the same meta-steps with a ``NullTracker`` and with a real MLflow tracker
 (SQLite by default, or ``--uri http://127.0.0.1:5000`` for a server), logging
 every metric of every step exactly as ``metaray train`` does, alternating
 off/on blocks so machine noise hits both. Prints the wall time per step of the
-training loop (what the user waits for), the ratio, and the time ``close()``
-takes to flush what is still queued at the end.
+training loop (what the user waits for), the median of the paired on/off ratios,
+the time spent inside ``log_metrics``, the writer process's CPU use, and the
+time ``close()`` takes to flush what is still queued at the end.
 
-    python benchmarks/tracking_overhead.py [--steps 2000] [--blocks 3] [--uri sqlite:////tmp/bench.db]
+    python benchmarks/tracking_overhead.py [--steps 500] [--pairs 8] [--uri sqlite:////tmp/bench.db]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from orchestrator.build import build_algorithm
 from orchestrator.config import parse_config
@@ -25,22 +29,31 @@ from orchestrator.learner import CentralLearner
 from orchestrator.tracking import MlflowTracker, NullTracker
 
 
-def run_block(cfg, tracker, steps: int) -> tuple[float, int]:
+def run_block(cfg, tracker, steps: int) -> tuple[float, float, int]:
+    """Per-step wall time of ``steps`` meta-steps, and the part of it spent inside ``log_metrics``."""
     group = LocalGroup(cfg)
     learner = CentralLearner(cfg, build_algorithm(cfg).init_params(0), group)
     for _ in range(20):  # warm-up, not logged
         learner.meta_step()
+    in_log = 0.0
     start = time.perf_counter()
     for _ in range(steps):
         metrics = learner.meta_step()
+        t = time.perf_counter()
         tracker.log_metrics(metrics, learner.step - 1)
-    return (time.perf_counter() - start) / steps, len(metrics)
+        in_log += time.perf_counter() - t
+    return (time.perf_counter() - start) / steps, in_log / steps, len(metrics)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=500, help="meta-steps per block")
+    ap.add_argument("--pairs", type=int, default=8, help="off/on block pairs (order alternates)")
     ap.add_argument("--uri", default=None)
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="metaray-bench-"))
@@ -48,22 +61,41 @@ def main() -> None:
     cfg = parse_config({"workers": {"mode": "inprocess", "num_workers": 1},
                         "run": {"name": "tracking-bench", "dir": str(folder / "runs")},
                         "tracking": {"uri": uri, "experiment": "tracking-overhead"}})
-    off, on, flush, startup = [], [], [], []
-    for _ in range(args.blocks):
-        off.append(run_block(cfg, NullTracker(), args.steps)[0])
+    ratios, off, on, in_log, startup, flush, writer_cpu = [], [], [], [], [], [], []
+
+    def tracked() -> float:
         t = time.perf_counter()
         tracker = MlflowTracker(cfg)
         tracker.writer.wait_ready()
         startup.append(time.perf_counter() - t)
-        per_step, metrics_per_step = run_block(cfg, tracker, args.steps)
-        on.append(per_step)
+        cpu0 = cpu_seconds(tracker.writer.pid)
+        t = time.perf_counter()
+        per_step, logging, n = run_block(cfg, tracker, args.steps)
+        writer_cpu.append((cpu_seconds(tracker.writer.pid) - cpu0) / (time.perf_counter() - t))
+        in_log.append(logging)
         t = time.perf_counter()
         tracker.close()
         flush.append(time.perf_counter() - t)
-    o, n = statistics.median(off), statistics.median(on)
-    print(f"sine MAML in-process, {args.steps} steps x {args.blocks} blocks, store {uri.split(':')[0]}")
-    print(f"tracking off: {o * 1e3:.3f} ms/step   on: {n * 1e3:.3f} ms/step   overhead: {(n / o - 1):+.1%}")
-    print(f"{metrics_per_step} metrics per step; one-off: tracker start {statistics.median(startup):.2f} s, "
+        metrics_per_step[0] = n
+        return per_step
+
+    metrics_per_step = [0]
+    for i in range(args.pairs):
+        if i % 2 == 0:  # alternate the order so a drifting machine does not favour either side
+            o, n = run_block(cfg, NullTracker(), args.steps)[0], tracked()
+        else:
+            n, o = tracked(), run_block(cfg, NullTracker(), args.steps)[0]
+        off.append(o)
+        on.append(n)
+        ratios.append(n / o - 1)
+    print(f"sine MAML in-process, {args.pairs} off/on pairs of {args.steps} steps, store {uri.split(':')[0]}, "
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+    print(f"tracking off: {statistics.median(off) * 1e3:.3f} ms/step   on: {statistics.median(on) * 1e3:.3f} ms/step"
+          f"   overhead (median of paired ratios): {statistics.median(ratios):+.1%}"
+          f"   pairs: {' '.join(f'{r:+.0%}' for r in ratios)}")
+    print(f"inside log_metrics: {statistics.median(in_log) * 1e6:.1f} us/step; writer process CPU while training: "
+          f"{statistics.median(writer_cpu):.2f} cores")
+    print(f"{metrics_per_step[0]} metrics per step; one-off: tracker start {statistics.median(startup):.2f} s, "
           f"flush at close() {statistics.median(flush):.2f} s (medians)")
 
 

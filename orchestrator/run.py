@@ -93,6 +93,7 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdo
                             state={"faults": group.faults.count, "stragglers": group.faults.stragglers,
                                    "skipped_steps": learner.skipped_steps,
                                    "mlflow_run_id": tracker.run_id})
+            tracker.flush()  # what the checkpoint covers is recorded even if this process dies next
 
         started = time.perf_counter()
         try:

@@ -56,6 +56,7 @@ class NullTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_figure(self, figure: Any, name: str) -> None: ...
     def log_model(self, module: Any, input_example: Any) -> None: ...
+    def flush(self) -> None: ...
     def sibling_curves(self, metric: str) -> dict[str, list[float]]:
         return {}
     def close(self, status: str = "FINISHED") -> int:
@@ -116,6 +117,9 @@ class MlflowTracker:
                        if k.startswith("eval/") or step > self._recorded.get(k, -1)}
         if metrics:
             self.writer.add(metrics, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._safe(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))

@@ -275,3 +275,24 @@ def test_writer_keeps_what_it_cannot_send_for_the_next_process(tmp_path):
     assert w2.close(timeout_s=10) == 0
     assert [(m.step, m.value) for m in received] == [(0, 1.0), (1, 2.0)]
     assert np.isfinite([m.timestamp for m in received]).all()
+
+
+def test_metric_process_flush_hands_off_steps_that_reach_the_store_without_close(tmp_path):
+    """Steps are handed to the writer process in batches; ``flush`` (called at every checkpoint) makes the
+    steps so far reach the store even if the learner then dies without ``close``."""
+    from orchestrator.metric_writer import MetricProcess
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("flush")).info.run_id
+    writer = MetricProcess(uri, run_id, tmp_path / "spill.jsonl", flush_every_s=0.1, max_buffered=1000)
+    assert writer.wait_ready()
+    for step in range(5):
+        writer.add({"m": float(step)}, step)
+    writer.flush()
+    deadline = time.monotonic() + 60
+    while len(client.get_metric_history(run_id, "m")) < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [m.step for m in client.get_metric_history(run_id, "m")] == list(range(5))
+    os.kill(writer.pid, 9)  # nothing left to lose; close() must still come back and say so
+    assert writer.close(timeout_s=1) == 0
