@@ -1,8 +1,9 @@
 """Scaling on a real multi-node Ray cluster on this machine, and a projection to many GPU workers.
 
-Starts a head (no CPUs) and worker nodes on 127.0.0.x with ``ray.cluster_utils.Cluster``, then for
-each workload measures, with 1 and 2 workers (one per node) and flat vs per-node gradient
-reduction: tasks/s, the step split (compute = slowest worker's meta-gradient; broadcast = putting θ;
+Starts a head (no CPUs) and two worker nodes on 127.0.0.x with ``ray.cluster_utils.Cluster``, then
+for each workload measures, with 1 and 2 workers (one per node) and 4 workers (two per node, flat vs
+per-node gradient reduction; the nodes declare 2 CPUs each, so 4 workers share this machine's 2 cores
+and their compute times are not a speed-up measurement, their bytes are): tasks/s, the step split (compute = slowest worker's meta-gradient; broadcast = putting θ;
 gather = dispatch + result transfer beyond compute; optimizer), and the gradient bytes the
 learner receives per step.
 
@@ -68,7 +69,7 @@ def workloads(store: str) -> dict[str, dict]:
 
 
 def measure(base: dict, workers: int, reduce: str, address: str, steps: int) -> dict[str, float]:
-    cfg = parse_config({**base, "workers": {"mode": "ray", "num_workers": workers, "shares": 2, "reduce": reduce,
+    cfg = parse_config({**base, "workers": {"mode": "ray", "num_workers": workers, "shares": workers, "reduce": reduce,
                                             "address": address}, "tracking": {"enabled": False}})
     group = WorkerGroup(cfg)
     try:
@@ -124,18 +125,19 @@ def main() -> None:
     store = args.store or generated_store(folder)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.2"})
     for i in range(2):
-        cluster.add_node(num_cpus=1, node_ip_address=f"127.0.0.{3 + i}")
+        cluster.add_node(num_cpus=2, node_ip_address=f"127.0.0.{3 + i}")
     ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
     try:
         chosen = workloads(store)
         names = args.workloads.split(",") if args.workloads else list(chosen)
-        print(f"local cluster: head (0 CPU) + 2 worker nodes (1 CPU each); {args.steps} steps, 2 shares; "
+        print(f"local cluster: head (0 CPU) + 2 worker nodes (2 logical CPUs each, 2 cores in all); {args.steps} steps, "
+              "one share per worker; "
               "median per step, ms")
         print(f"{'workload':<15}{'workers':>8}{'reduce':>7}{'tasks/s':>9}{'step':>9}{'compute':>9}{'bcast':>7}"
               f"{'gather':>8}{'optim':>7}{'grad MB':>9}")
         for name in names:
             single = None
-            for workers, reduce in ((1, "flat"), (2, "flat"), (2, "node")):
+            for workers, reduce in ((1, "flat"), (2, "flat"), (4, "flat"), (4, "node")):
                 m = measure(chosen[name], workers, reduce, cluster.address, args.steps)
                 single = single or m
                 step = m["perf/step_s"]
