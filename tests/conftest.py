@@ -50,6 +50,15 @@ def ray_local(_ray_session):
     return ray
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of small tensors: on a busy 2-core machine a second OpenMP thread only adds spin-waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

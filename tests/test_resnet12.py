@@ -13,14 +13,7 @@ from learners.svm_head import svm_logits
 
 SMALL = (8, 12, 16, 20)  # narrow widths keep the functional tests fast on CPU
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: on a busy 2-core machine a second OpenMP thread only adds spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def meta_net(**kwargs) -> ResNet12:

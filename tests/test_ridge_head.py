@@ -9,14 +9,7 @@ from torch.func import grad, vmap
 
 from learners.ridge_head import ridge_dual, ridge_logits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: on a busy 2-core machine a second OpenMP thread only adds spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def episode(tasks: int, n_way: int, k_shot: int, n_query: int, dim: int, seed: int, dtype=torch.float64):

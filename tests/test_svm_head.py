@@ -14,16 +14,8 @@ from learners.svm_cvxpy import svm_logits_cvxpy
 from learners.svm_head import svm_dual, svm_logits
 
 TIGHT = {"max_iter": 60, "tol": 1e-12}
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside cvxpylayers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The QPs are small: on a busy 2-core machine a second OpenMP thread only adds spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]  # inside cvxpylayers
 
 
 def episode(tasks: int, n_way: int, k_shot: int, n_query: int, dim: int, seed: int, dtype=torch.float64):
