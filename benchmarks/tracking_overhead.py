@@ -61,9 +61,9 @@ def main() -> None:
     cfg = parse_config({"workers": {"mode": "inprocess", "num_workers": 1},
                         "run": {"name": "tracking-bench", "dir": str(folder / "runs")},
                         "tracking": {"uri": uri, "experiment": "tracking-overhead"}})
-    ratios, off, on, in_log, startup, flush, writer_cpu = [], [], [], [], [], [], []
+    off, on, in_log, startup, flush, writer_cpu = [], [], [], [], [], []
 
-    def tracked() -> float:
+    def tracked() -> tuple[float, int]:
         t = time.perf_counter()
         tracker = MlflowTracker(cfg)
         tracker.writer.wait_ready()
@@ -76,18 +76,17 @@ def main() -> None:
         t = time.perf_counter()
         tracker.close()
         flush.append(time.perf_counter() - t)
-        metrics_per_step[0] = n
-        return per_step
+        return per_step, n
 
-    metrics_per_step = [0]
     for i in range(args.pairs):
         if i % 2 == 0:  # alternate the order so a drifting machine does not favour either side
-            o, n = run_block(cfg, NullTracker(), args.steps)[0], tracked()
+            off.append(run_block(cfg, NullTracker(), args.steps)[0])
+            per_step, metrics_per_step = tracked()
         else:
-            n, o = tracked(), run_block(cfg, NullTracker(), args.steps)[0]
-        off.append(o)
-        on.append(n)
-        ratios.append(n / o - 1)
+            per_step, metrics_per_step = tracked()
+            off.append(run_block(cfg, NullTracker(), args.steps)[0])
+        on.append(per_step)
+    ratios = [n / o - 1 for o, n in zip(off, on)]
     print(f"sine MAML in-process, {args.pairs} off/on pairs of {args.steps} steps, store {uri.split(':')[0]}, "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
     print(f"tracking off: {statistics.median(off) * 1e3:.3f} ms/step   on: {statistics.median(on) * 1e3:.3f} ms/step"
@@ -95,7 +94,7 @@ def main() -> None:
           f"   pairs: {' '.join(f'{r:+.0%}' for r in ratios)}")
     print(f"inside log_metrics: {statistics.median(in_log) * 1e6:.1f} us/step; writer process CPU while training: "
           f"{statistics.median(writer_cpu):.2f} cores")
-    print(f"{metrics_per_step[0]} metrics per step; one-off: tracker start {statistics.median(startup):.2f} s, "
+    print(f"{metrics_per_step} metrics per step; one-off: tracker start {statistics.median(startup):.2f} s, "
           f"flush at close() {statistics.median(flush):.2f} s (medians)")
 
 
