@@ -3,7 +3,7 @@
 The meta-parameters are the embedding network's and a learnable output scale
 (the paper's temperature). For each task the head is solved, not learned: the
 Crammer–Singer multi-class SVM (``head="svm"``, through the batched
-interior-point solver of ``learners.svm_head`` or, as the reference,
+QP solver of ``learners.svm_head`` or, as the reference,
 cvxpylayers) or ridge regression (``head="ridge"``, R2D2). The meta-gradient
 flows through the solver's optimality conditions into the embeddings.
 
@@ -42,7 +42,7 @@ class MetaOptNet:
     objective: Objective
     n_way: int
     head: str = "svm"  # "svm" | "ridge"
-    solver: str = "fast"  # "fast" (batched interior point) | "cvxpylayers" (reference)
+    solver: str = "fast"  # "fast" (batched QP, learners.qp) | "cvxpylayers" (reference)
     C: float = 0.1
     lam: float = 50.0
     train_iters: int = 15

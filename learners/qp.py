@@ -1,4 +1,4 @@
-"""A batched, differentiable interior-point solver for the QP behind MetaOptNet's SVM head.
+"""A batched, differentiable QP solver for MetaOptNet's SVM head: active-set steps, interior point as fallback.
 
 The problem, one per task (leading axis T), for X in R^{S x N} with columns x_m:
 
@@ -10,17 +10,27 @@ with P [T, S, S] symmetric positive definite, shared by the N columns. The
 Crammer-Singer SVM dual is exactly this (S support points, N classes). A dense
 QP solver such as qpth would factor the (S*N) x (S*N) KKT matrix, (S*N)^3 work per
 step; here the inequality matrix is the identity and the Hessian is P (x) I, so a
-Newton step splits into N S x S Cholesky factorizations (P + diag(lam_m / s_m))
-plus one S x S Schur complement for the row sums: N*S^3, over the whole batch.
+Newton step splits into N S x S Cholesky factorizations (P + diag(d_m)) plus one
+S x S Schur complement for the row sums: N*S^3, over the whole batch.
 
-Forward: Mehrotra predictor-corrector from Mehrotra's shifted least-squares
-start, every task stepped at once on a copy with P and R normalized by the mean
-diagonal of P; a task stops moving once its scale-free KKT error (``kkt_error``)
-is below ``tol``, and each task keeps its best iterate. Then one polishing solve
-per task: with the active set the interior point found pinned to its bounds, the
-remaining equality-constrained QP is solved exactly and kept where its KKT error
-is lower. Measured at tol 1e-8 in float64: 9-13 steps at 5-way 1- and 5-shot,
-~14 at 5-way 15-shot and 20-way 5-shot.
+Forward, on a copy with P and R normalized by the mean diagonal of P, every task
+stepped at once:
+
+1. Primal-dual active-set steps from the bound-free solution: solve with the
+   current active set pinned to its bounds (one block factorization), move the
+   violated bounds in and the negative multipliers out, until the pinned solution
+   meets the scale-free KKT error ``tol`` (``kkt_error``); then it is exact. On SVM
+   duals this takes one step when the embeddings are wide (the solution is inside
+   the box; measured on random embeddings at D = 1600 and 16000), and on trained
+   Conv-4 Omniglot embeddings (D = 64) 4 steps on average at 5-way 1-shot and 12 at
+   5-shot, where ~3% of tasks need more than 15.
+2. Tasks it leaves (it can cycle on general QPs: measured on 21 of 6,400 random
+   3 x 3 problems with strongly coupled P) get Mehrotra's predictor-
+   corrector from the shifted least-squares start, each keeping its best iterate,
+   then one polishing solve with the active set it found pinned, kept where its
+   KKT error is lower. Measured at tol 1e-8: 9-13 steps at 5-way 1- and 5-shot.
+
+Where both apply they agree to rounding; ``method="interior_point"`` skips step 1.
 
 Backward: implicit differentiation of the KKT conditions (as OptNet does). The
 adjoint system has the same block structure as a Newton step. For a polished
@@ -51,9 +61,9 @@ class QPResult:
     nu: Tensor  # [T, S] row-sum multipliers (not differentiable)
     lam: Tensor  # [T, S, N] upper-bound multipliers (not differentiable)
     ok: Tensor  # [T] bool: converged to tol with finite iterates
-    iters: Tensor  # [T] Newton steps taken
+    iters: Tensor  # [T] linear solves taken: active-set steps plus interior-point steps
     error: Tensor  # [T] scale-free KKT error at the returned point (see ``kkt_error``)
-    polished: Tensor  # [T] bool: x is the exact solution for the active set the interior point found
+    polished: Tensor  # [T] bool: x is the exact solution for its active set (the backward differentiates that)
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -66,12 +76,15 @@ def default_tol(dtype: torch.dtype) -> float:
     return max(1e-10, 30 * torch.finfo(dtype).eps)
 
 
-def solve_qp(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int = 15, tol: float | None = None) -> QPResult:
+def solve_qp(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int = 15, tol: float | None = None,
+             method: str = "active_set") -> QPResult:
     """Solve the batched QP of this module; ``x`` is differentiable w.r.t. P, R, U and b.
 
     P [T, S, S] symmetric positive definite, R and U [T, S, N], b [T, S], all float32 or all
-    float64 on one device. ``max_iter`` bounds the interior-point steps; ``tol`` (default
-    ``default_tol(dtype)``) is the scale-free KKT error (``kkt_error``) a task must reach to be ``ok``.
+    float64 on one device. ``tol`` (default ``default_tol(dtype)``) is the scale-free KKT error
+    (``kkt_error``) a task must reach to be ``ok``. ``method="active_set"`` (the default) takes
+    up to ``max_iter`` active-set steps and hands the tasks they leave to up to ``max_iter``
+    interior-point steps; ``method="interior_point"`` uses the interior point alone.
 
     >>> T, S, N = 2, 4, 3
     >>> P = torch.eye(S).expand(T, S, S); R = -torch.ones(T, S, N)
@@ -92,7 +105,9 @@ def solve_qp(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int = 15, tol
     tol = default_tol(P.dtype) if tol is None else tol
     if max_iter < 1 or not tol > 0:
         raise ValueError(f"need max_iter >= 1 and tol > 0, got max_iter={max_iter}, tol={tol}")
-    x, nu, lam, ok, iters, err, polished, *_ = _QPFunction.apply(P, R, U, b, max_iter, tol)
+    if method not in ("active_set", "interior_point"):
+        raise ValueError(f"method must be 'active_set' or 'interior_point', got {method!r}")
+    x, nu, lam, ok, iters, err, polished, *_ = _QPFunction.apply(P, R, U, b, max_iter, tol, method)
     return QPResult(x, nu, lam, ok, iters, err, polished)
 
 
@@ -128,11 +143,14 @@ def _residuals(P: Tensor, R: Tensor, U: Tensor, b: Tensor, x: Tensor, s: Tensor,
 
 def _error(R, U, b, x, s, nu, lam, px, r_d, r_e, r_p) -> Tensor:
     fi = torch.finfo(x.dtype)
-    p_scale = torch.stack([_amax(x), _amax(b), _amax(U) * fi.eps**0.5]).amax(0).clamp(min=fi.tiny)
-    d_scale = torch.stack([_amax(px), _amax(R), _amax(lam), _amax(nu)]).amax(0).clamp(min=fi.tiny)
-    primal = torch.maximum(_amax(r_p), _amax(r_e)) / p_scale
-    gap = _amax(s * lam) / (p_scale * d_scale)
-    return torch.stack([primal, _amax(r_d) / d_scale, gap]).amax(0).nan_to_num(float("inf"))
+    # One reduction per shape instead of one per term: this runs at every step of both methods.
+    terms = torch.stack([x, U, px, R, lam, r_p, r_d, s * lam], 1).flatten(2)
+    ax, au, apx, ar, alam, arp, ard, agap = terms.abs().amax(2).T
+    ab, anu, are = torch.stack([b, nu, r_e], 1).abs().amax(2).T
+    p_scale = torch.stack([ax, ab, au * fi.eps**0.5]).amax(0).clamp(min=fi.tiny)
+    d_scale = torch.stack([apx, ar, alam, anu]).amax(0).clamp(min=fi.tiny)
+    errors = torch.stack([torch.maximum(arp, are) / p_scale, ard / d_scale, agap / (p_scale * d_scale)])
+    return errors.amax(0).nan_to_num(float("inf"))
 
 
 def _factor(P: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -238,35 +256,101 @@ def _big(P: Tensor) -> Tensor:
     return _col(P.diagonal(dim1=1, dim2=2).amax(1) / torch.finfo(P.dtype).eps)
 
 
+def _pinned_solve(P: Tensor, R: Tensor, U: Tensor, b: Tensor, active: Tensor):
+    """The QP solved with exactly the ``active`` entries at their bounds: (x, s, nu, lam, err).
+
+    Pinning by the diagonal weight ``_big`` makes it one block factorization, like a Newton step.
+    ``err`` is the scale-free KKT error joined with how far the dropped bounds are violated (x > U
+    on a free entry, lam < 0 on a pinned one), inf where the factorization failed: err <= tol
+    means ``active`` is the optimal active set and x the exact solution.
+    """
+    D = active.to(P.dtype) * _big(P)
+    Minv, Ls, good = _factor(P, D)
+    x, nu = _block_solve(Minv, Ls, D * U - R, -b)
+    px = P @ x
+    lam = torch.where(active, -(px + R + nu.unsqueeze(-1)), 0.0)
+    s = U - x
+    tiny = torch.finfo(x.dtype).tiny
+    infeasible = torch.maximum((-s).clamp(min=0).flatten(1).amax(1) / _amax(x).clamp(min=tiny),
+                               (-lam).clamp(min=0).flatten(1).amax(1) / _amax(px).clamp(min=tiny))
+    s = s.clamp(min=0)
+    err = torch.maximum(kkt_error(P, R, U, b, x, s, nu, lam), infeasible.nan_to_num(float("inf")))
+    return x, s, nu, lam, err.masked_fill(~good, float("inf"))
+
+
+def _active_set_method(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int, tol: float):
+    """Primal-dual active-set steps (Hintermueller, Ito and Kunisch, 2002) from the bound-free solution.
+
+    Each step solves the QP with the current active set pinned (``_pinned_solve``); then free
+    entries above their bound join the set and pinned entries with a negative multiplier leave it.
+    A task is done once its pinned solution meets ``tol``: that is the exact solution, and its
+    active set is the one the backward differentiates. Finite convergence is proven only for
+    M-matrices, which a Gram matrix is not: a task that stalls or cycles is left to the interior point.
+    """
+    T = R.shape[0]
+    active = torch.zeros_like(R, dtype=torch.bool)
+    iters = torch.zeros(T, dtype=torch.long, device=R.device)
+    todo = torch.arange(T, device=R.device)
+    out: list[Tensor] = []
+    for _ in range(max_iter):
+        # Only the tasks still moving are solved again: a few stragglers cost a few factorizations.
+        Pt, Rt, Ut, bt, A = (P, R, U, b, active) if len(todo) == T else (
+            P[todo], R[todo], U[todo], b[todo], active[todo])
+        x, s, nu, lam, err = _pinned_solve(Pt, Rt, Ut, bt, A)
+        if out:
+            for full, new in zip(out, (x, s, nu, lam, err)):
+                full[todo] = new
+        else:
+            out = [x, s, nu, lam, err]
+        iters[todo] += 1
+        done = err <= tol
+        update = torch.where(_col(done), A, (A & (lam > 0)) | (~A & (x > Ut)))
+        moving = (update != A).flatten(1).any(1)  # done and stalled tasks stop here
+        active[todo] = update
+        todo = todo[moving]
+        if not len(todo):
+            break
+    return (*out, out[-1] <= tol, active, iters)
+
+
 def _polish(P: Tensor, R: Tensor, U: Tensor, b: Tensor, x: Tensor, s: Tensor, nu: Tensor, lam: Tensor, err: Tensor):
-    """Solve the equality-constrained QP with the IPM's active set fixed at its bounds; keep it where it is better.
+    """Pin the active set the interior point found (``_pinned_solve``); keep that solution where it is better.
 
     One more block factorization gives the exact solution whenever the interior point has found
     the active set, which is what the active-set backward differentiates.
     """
     active = _active_set(x, s, lam, P)
-    D = active.to(P.dtype) * _big(P)
-    Minv, Ls, good = _factor(P, D)
-    xp, nup = _block_solve(Minv, Ls, D * U - R, -b)
-    lamp = torch.where(active, -(P @ xp + R + nup.unsqueeze(-1)), 0.0)
-    sp = U - xp
-    tiny = torch.finfo(x.dtype).tiny
-    infeasible = torch.maximum((-sp).clamp(min=0).flatten(1).amax(1) / _amax(xp).clamp(min=tiny),
-                               (-lamp).clamp(min=0).flatten(1).amax(1) / _amax(P @ xp).clamp(min=tiny))
-    errp = torch.maximum(kkt_error(P, R, U, b, xp, sp.clamp(min=0), nup, lamp), infeasible.nan_to_num(float("inf")))
-    use = good & (errp <= err)
-    pick = lambda new, old: torch.where(use.view(-1, *[1] * (new.dim() - 1)), new, old)
-    return pick(xp, x), pick(sp.clamp(min=0), s), pick(nup, nu), pick(lamp, lam), pick(errp, err), use, active
+    xp, sp, nup, lamp, errp = _pinned_solve(P, R, U, b, active)
+    use = errp <= err
+
+    def pick(new: Tensor, old: Tensor) -> Tensor:
+        return torch.where(use.view(-1, *[1] * (new.dim() - 1)), new, old)
+
+    return pick(xp, x), pick(sp, s), pick(nup, nu), pick(lamp, lam), pick(errp, err), use, active
+
+
+def _solve(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int, tol: float, method: str):
+    """(x, s, nu, lam, err, polished, active, iters) of ``method`` (see ``solve_qp``)."""
+    if method == "interior_point":
+        *point, err, iters = _interior_point(P, R, U, b, max_iter, tol)
+        return (*_polish(P, R, U, b, *point, err), iters)
+    out = list(_active_set_method(P, R, U, b, max_iter, tol))
+    rest = (~out[5]).nonzero().squeeze(1)
+    if len(rest):  # stalled, cycling or out of steps: the interior point from its own start
+        sub = (P[rest], R[rest], U[rest], b[rest])
+        *point, err, iters = _interior_point(*sub, max_iter, tol)
+        for full, new in zip(out, (*_polish(*sub, *point, err), out[7][rest] + iters)):
+            full[rest] = new
+    return tuple(out)
 
 
 class _QPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(P, R, U, b, max_iter, tol):
+    def forward(P, R, U, b, max_iter, tol, method):
         # Solve a normalized copy: P and R over the mean diagonal of P (same x; duals scale by 1/scale).
         scale = _col(P.diagonal(dim1=1, dim2=2).mean(1).abs().clamp(min=torch.finfo(P.dtype).tiny))
         Ph, Rh = P / scale, R / scale
-        x, s, nu, lam, err, iters = _interior_point(Ph, Rh, U, b, max_iter, tol)
-        x, s, nu, lam, err, polished, active = _polish(Ph, Rh, U, b, x, s, nu, lam, err)
+        x, s, nu, lam, err, polished, active, iters = _solve(Ph, Rh, U, b, max_iter, tol, method)
         ok = err <= tol  # err is inf for a task that broke down
         fin = err.isfinite()
         x, s, lam = (torch.where(_col(fin), t, 0.0) for t in (x, s, lam))
@@ -281,20 +365,20 @@ class _QPFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
-    def vmap(info, in_dims, P, R, U, b, max_iter, tol):
+    def vmap(info, in_dims, P, R, U, b, max_iter, tol, method):
         """Under ``torch.func.vmap`` the vmapped axis just joins the task axis: one batched solve."""
         def merge(t: Tensor, dim: int | None) -> Tensor:
             t = t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
             return t.reshape(-1, *t.shape[2:])
 
         flat = [merge(t, d) for t, d in zip((P, R, U, b), in_dims[:4])]
-        out = _QPFunction.apply(*flat, max_iter, tol)
+        out = _QPFunction.apply(*flat, max_iter, tol, method)
         return tuple(o.reshape(info.batch_size, -1, *o.shape[1:]) for o in out), (0,) * len(out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gx, *_):
-        return (*_kkt_adjoint(*ctx.saved_tensors, gx), None, None)
+        return (*_kkt_adjoint(*ctx.saved_tensors, gx), None, None, None)
 
 
 def _kkt_adjoint(P: Tensor, x: Tensor, s: Tensor, lam: Tensor, ok: Tensor, polished: Tensor, active: Tensor,

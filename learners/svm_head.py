@@ -144,24 +144,28 @@ def svm_logits(support: Tensor, support_labels: Tensor, query: Tensor, n_way: in
     """Query logits [T, Q, n_way] of the SVM fitted on each task's support set, and ``ok`` [T] (bool).
 
     support [T, S, D], support_labels [T, S] int64 in [0, n_way), query [T, Q, D]; any float dtype
-    and device. ``max_iter`` interior-point steps at most (MetaOptNet trains with 15 and tests
-    with more), ``tol`` the scale-free KKT error to reach. A task with ``ok`` False did not reach
-    ``tol`` or failed numerically: its logits and gradients are finite (zero if the solve broke
-    down) but its gradient skips the solver (alpha is held fixed), so callers should drop it from
-    the meta-batch and count it.
+    and device. ``max_iter`` bounds the solver's steps (``learners.qp.solve_qp``; MetaOptNet trains
+    with 15 and tests with more), ``tol`` is the scale-free KKT error to reach. A task with ``ok``
+    False did not reach ``tol`` or failed numerically: its logits and gradients are finite (zero
+    if the solve broke down) but its gradient skips the solver (alpha is held fixed), so callers
+    should drop it from the meta-batch and count it.
 
     The QP itself (S x S matrices, small next to the backbone) is solved in ``qp_dtype``, float64
-    by default like MetaOptNet's ``double_precision`` option: in float32 the interior point stalls
+    by default like MetaOptNet's ``double_precision`` option: in float32 the solver stalls
     near a 1e-6 KKT error on ill-conditioned Gram matrices (e.g. 20-way 5-shot, S > D). Pass
     ``qp_dtype=None`` to solve in the embeddings' dtype.
     """
     check_head_inputs(support, support_labels, query, n_way)
-    with torch.no_grad():  # a sum is finite iff every term is (NaN and inf propagate): one cheap pass each
-        finite = support.sum((1, 2)).isfinite() & query.sum((1, 2)).isfinite()
+    with torch.no_grad():  # a sum is finite iff every term is (NaN and inf propagate): one cheap pass
+        finite = support.sum((1, 2)).isfinite()
     # Zero a broken task's inputs: no NaN in its logits or anyone's gradient. (Not under vmap, which
     # cannot branch on values: there a broken task gets NaN logits and ok False.)
     if not traced(support) and not bool(finite.all()):
         support = torch.where(finite.view(-1, 1, 1), support, 0.0)
-        query = torch.where(finite.view(-1, 1, 1), query, 0.0)
     res = svm_dual(support, support_labels, n_way, C, jitter, max_iter, tol, qp_dtype)
-    return dual_readout(query, support, res.x), res.ok & finite
+    logits = dual_readout(query, support, res.x)
+    with torch.no_grad():  # a broken query shows in its task's logits: no extra pass over the (large) query
+        finite = finite & logits.sum((1, 2)).isfinite()
+    if not traced(support) and not bool(finite.all()):
+        logits = dual_readout(torch.where(finite.view(-1, 1, 1), query, 0.0), support, res.x)
+    return logits, res.ok & finite

@@ -151,11 +151,11 @@ class AlgorithmConfig(Strict):
     ridge_lambda: PositiveFloat = 50.0
     """MetaOptNet-ridge: the ridge penalty."""
     solver: Literal["fast", "cvxpylayers"] = "fast"
-    """MetaOptNet-SVM: batched interior point in torch (fast), or cvxpylayers (the reference it is tested against)."""
+    """MetaOptNet-SVM: batched QP in torch (fast), or cvxpylayers (the reference it is tested against)."""
     solver_iters: PositiveInt = 15
-    """MetaOptNet-SVM: interior-point iterations while training."""
+    """MetaOptNet-SVM: solver steps while training (active-set steps, then as many interior-point steps)."""
     eval_solver_iters: PositiveInt = 50
-    """MetaOptNet-SVM: interior-point iterations at evaluation."""
+    """MetaOptNet-SVM: solver steps at evaluation."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """MetaOptNet: label smoothing of the query loss."""
 

@@ -9,9 +9,9 @@ from torch.func import functional_call, grad, vmap
 
 from learners.mlp import MLP
 from learners.params import init_params
-from learners.qp import kkt_residuals, solve_qp
-from learners.svm_cvxpy import svm_logits_cvxpy
-from learners.svm_head import svm_dual, svm_logits
+from learners.qp import _active_set_method, kkt_residuals, solve_qp
+from learners.svm_cvxpy import svm_dual_cvxpy_gram, svm_logits_cvxpy
+from learners.svm_head import one_hot, support_gram, svm_dual, svm_logits
 
 TIGHT = {"max_iter": 60, "tol": 1e-12}
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -72,6 +72,62 @@ def test_default_settings_agree_with_cvxpylayers_at_resnet_width():
     assert max(rel(lf, lc), rel(sf, sc), rel(qf, qc)) < 1e-4
 
 
+@pytest.mark.parametrize("method", ["active_set", "interior_point"])
+@pytest.mark.parametrize("n_way,k_shot,dim", [(5, 1, 4), (5, 5, 4), (5, 5, 64), (20, 2, 8)])
+def test_both_methods_match_cvxpylayers_on_the_dual(method, n_way, k_shot, dim):
+    """Each QP method alone, from the Gram matrix: alpha and dL/dP against cvxpylayers.
+
+    At small dimension the bounds bind and the active set takes several steps to find; at
+    dimension 64 the bound-free solution is already optimal."""
+    support, labels, _ = episode(2, n_way, k_shot, 1, dim, 30 + dim + k_shot)
+    P = support_gram(support.relu(), 1.0)
+    Y = one_hot(labels, n_way, torch.float64)
+    w = torch.randn(Y.shape, generator=torch.Generator().manual_seed(dim), dtype=torch.float64)
+
+    def alpha_and_grad(solve):
+        leaf = P.clone().requires_grad_()
+        alpha = solve(leaf)
+        (alpha * w).sum().backward()
+        return alpha.detach(), leaf.grad
+
+    res = solve_qp(P, -Y, 0.1 * Y, torch.zeros_like(Y[..., 0]), method=method, **TIGHT)
+    fast = alpha_and_grad(lambda P: solve_qp(P, -Y, 0.1 * Y, torch.zeros_like(Y[..., 0]), method=method, **TIGHT).x)
+    ref = alpha_and_grad(lambda P: svm_dual_cvxpy_gram(P, labels, n_way))
+    assert res.ok.all() and res.polished.all()
+    assert rel(fast[0], ref[0]) < 1e-4 and rel(fast[1], ref[1]) < 1e-4, (rel(fast[0], ref[0]), rel(fast[1], ref[1]))
+
+
+@pytest.mark.parametrize("n_way,k_shot,dim,steps", [
+    (5, 1, 1600, 1), (5, 5, 1600, 1), (5, 1, 8, 12), (5, 5, 8, 12), (20, 1, 8, 12), (20, 5, 8, 12), (20, 5, 64, 12),
+])
+def test_active_set_steps_alone_solve_svm_duals(n_way, k_shot, dim, steps):
+    """Active-set steps alone solve every task within ``steps``; at small D the bounds bind, so it takes more than one.
+
+    At D = 1600 the dual's solution lies inside its box (the embeddings' norm dwarfs 1 / C), so
+    the first, bound-free solve is the answer: the common case the default method is fast for."""
+    support, labels, _ = episode(16, n_way, k_shot, 1, dim, 40 + dim + n_way + k_shot)
+    P = support_gram(support.relu(), 1.0)
+    Y = one_hot(labels, n_way, torch.float64)
+    *_, err, done, _, iters = _active_set_method(P, -Y, 0.1 * Y, torch.zeros_like(Y[..., 0]), steps, 1e-10)
+    assert done.all() and (err <= 1e-10).all(), iters
+    assert bool((iters > 1).any()) == (dim < 1600)
+
+
+def test_tasks_the_active_set_cycles_on_are_solved_by_the_interior_point():
+    """A general QP (not an SVM dual) on which active-set steps cycle among 4 sets: the task is still solved."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(64, 3, 3, generator=g, dtype=torch.float64)
+    P = A @ A.transpose(1, 2) + 0.05 * torch.eye(3, dtype=torch.float64)
+    R = torch.randn(64, 3, 3, generator=g, dtype=torch.float64)
+    U = torch.rand(64, 3, 3, generator=g, dtype=torch.float64)
+    b = (U - 0.5 * torch.rand(64, 3, 3, generator=g, dtype=torch.float64)).sum(-1)
+    P, R, U, b = P[32:34], R[32:34], U[32:34], b[32:34]  # task 33 of this draw cycles, task 32 does not
+    fast, robust = solve_qp(P, R, U, b, max_iter=30), solve_qp(P, R, U, b, max_iter=30, method="interior_point")
+    assert fast.ok.all() and fast.polished.all()
+    assert fast.iters[0] < 30 < fast.iters[1]  # task 33 spent its 30 active-set steps, then the interior point's
+    torch.testing.assert_close(fast.x, robust.x, rtol=1e-9, atol=1e-12)
+
+
 def test_gradient_matches_central_finite_differences():
     support, labels, query = episode(1, 3, 2, 5, 4, 11)
     query_y = torch.randint(0, 3, (1, 5), generator=torch.Generator().manual_seed(0))
@@ -85,14 +141,15 @@ def test_gradient_matches_central_finite_differences():
     assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["active_set", "interior_point"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n_way,k_shot", [(5, 1), (5, 5), (20, 2)])
-def test_kkt_conditions_hold(dtype, n_way, k_shot):
+def test_kkt_conditions_hold(dtype, n_way, k_shot, method):
     support, labels, _ = episode(4, n_way, k_shot, 1, 32, n_way + k_shot, dtype)
     Y = F.one_hot(labels, n_way).to(dtype)
     P = support @ support.transpose(1, 2) + torch.eye(n_way * k_shot, dtype=dtype)
     R, U, b = -Y, 0.1 * Y, torch.zeros_like(Y[..., 0])
-    res = solve_qp(P, R, U, b)
+    res = solve_qp(P, R, U, b, method=method)
     assert res.ok.all() and res.x.dtype == dtype
     r = kkt_residuals(P, R, U, b, res.x, res.nu, res.lam)
     x_scale, d_scale = res.x.abs().amax(), (P @ res.x).abs().amax()
@@ -102,7 +159,8 @@ def test_kkt_conditions_hold(dtype, n_way, k_shot):
     assert (r["complementarity"] <= tol * x_scale * d_scale).all()
 
 
-def test_general_qp_gradients_match_finite_differences():
+@pytest.mark.parametrize("method", ["active_set", "interior_point"])
+def test_general_qp_gradients_match_finite_differences(method):
     """The solver beyond the SVM: random bounds and row sums; gradients w.r.t. P, R, U and b."""
     g = torch.Generator().manual_seed(5)
     A = torch.randn(2, 4, 4, generator=g, dtype=torch.float64)
@@ -110,12 +168,12 @@ def test_general_qp_gradients_match_finite_differences():
     R = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
     U = torch.rand(2, 4, 3, generator=g, dtype=torch.float64)
     b = (U - 0.5 * torch.rand(2, 4, 3, generator=g, dtype=torch.float64)).sum(-1)  # feasible: b < U 1
-    res = solve_qp(P, R, U, b, **TIGHT)
+    res = solve_qp(P, R, U, b, method=method, **TIGHT)
     assert res.ok.all() and res.polished.all()
     assert ((res.lam > 1e-6).sum() > 0) and ((res.lam > 1e-6).sum() < res.lam.numel())  # some bounds active
 
     def x_of(P, R, U, b):
-        return solve_qp(0.5 * (P + P.transpose(1, 2)), R, U, b, **TIGHT).x
+        return solve_qp(0.5 * (P + P.transpose(1, 2)), R, U, b, method=method, **TIGHT).x
 
     assert torch.autograd.gradcheck(x_of, tuple(t.clone().requires_grad_() for t in (P, R, U, b)), eps=1e-6, atol=1e-6)
 
@@ -177,7 +235,16 @@ def test_broken_and_unconverged_tasks_are_reported_not_nan():
     assert logits.isfinite().all() and s.grad.isfinite().all() and q.grad.isfinite().all()
     assert (s.grad[1] == 0).all() and (s.grad[0] != 0).any()
 
-    logits, ok = svm_logits(s.detach().nan_to_num(), labels, q.detach(), 5, max_iter=1)
+    query = query.detach().clone()
+    query[2, 1, 3] = float("inf")  # a broken query: seen in its task's logits, then zeroed
+    s, q = support.detach().nan_to_num().requires_grad_(), query.requires_grad_()
+    logits, ok = svm_logits(s, labels, q, 5)
+    assert ok.tolist() == [True, True, False]
+    logits.sum().backward()
+    assert logits.isfinite().all() and s.grad.isfinite().all() and q.grad.isfinite().all()
+    assert (q.grad[2] == 0).all() and (q.grad[0] != 0).any()
+
+    logits, ok = svm_logits(s.detach(), labels, q.detach().nan_to_num(), 5, max_iter=1)
     assert not ok.any() and logits.isfinite().all()
 
 
@@ -199,6 +266,17 @@ def test_bad_inputs_are_named():
         svm_logits(support[0], labels, query, 5)
     with pytest.raises(ValueError, match="support_labels must be int64"):
         svm_logits(support, labels.int(), query, 5)
+
+
+def test_bad_solver_arguments_are_named():
+    P, R = torch.eye(3, dtype=torch.float64).expand(2, 3, 3), -torch.ones(2, 3, 2, dtype=torch.float64)
+    U, b = torch.ones(2, 3, 2, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="method must be 'active_set' or 'interior_point', got 'newton'"):
+        solve_qp(P, R, U, b, method="newton")
+    with pytest.raises(ValueError, match="need max_iter >= 1"):
+        solve_qp(P, R, U, b, max_iter=0)
+    with pytest.raises(ValueError, match=r"b must be \[T, S\]"):
+        solve_qp(P, R, U, b[:, :2])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
