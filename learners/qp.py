@@ -61,7 +61,7 @@ class QPResult:
     nu: Tensor  # [T, S] row-sum multipliers (not differentiable)
     lam: Tensor  # [T, S, N] upper-bound multipliers (not differentiable)
     ok: Tensor  # [T] bool: converged to tol with finite iterates
-    iters: Tensor  # [T] linear solves taken: active-set steps plus interior-point steps
+    iters: Tensor  # [T] steps taken: active-set steps plus interior-point steps
     error: Tensor  # [T] scale-free KKT error at the returned point (see ``kkt_error``)
     polished: Tensor  # [T] bool: x is the exact solution for its active set (the backward differentiates that)
 
@@ -321,7 +321,7 @@ def _polish(P: Tensor, R: Tensor, U: Tensor, b: Tensor, x: Tensor, s: Tensor, nu
     """
     active = _active_set(x, s, lam, P)
     xp, sp, nup, lamp, errp = _pinned_solve(P, R, U, b, active)
-    use = errp <= err
+    use = errp.isfinite() & (errp <= err)  # both inf: the task broke down, nothing was polished
 
     def pick(new: Tensor, old: Tensor) -> Tensor:
         return torch.where(use.view(-1, *[1] * (new.dim() - 1)), new, old)
@@ -334,14 +334,15 @@ def _solve(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int, tol: float
     if method == "interior_point":
         *point, err, iters = _interior_point(P, R, U, b, max_iter, tol)
         return (*_polish(P, R, U, b, *point, err), iters)
-    out = list(_active_set_method(P, R, U, b, max_iter, tol))
-    rest = (~out[5]).nonzero().squeeze(1)
+    *solution, done, active, iters = _active_set_method(P, R, U, b, max_iter, tol)
+    out = (*solution, done, active, iters)
+    rest = (~done).nonzero().squeeze(1)
     if len(rest):  # stalled, cycling or out of steps: the interior point from its own start
         sub = (P[rest], R[rest], U[rest], b[rest])
-        *point, err, iters = _interior_point(*sub, max_iter, tol)
-        for full, new in zip(out, (*_polish(*sub, *point, err), out[7][rest] + iters)):
+        *point, err, iters_ip = _interior_point(*sub, max_iter, tol)
+        for full, new in zip(out, (*_polish(*sub, *point, err), iters[rest] + iters_ip)):
             full[rest] = new
-    return tuple(out)
+    return out
 
 
 class _QPFunction(torch.autograd.Function):

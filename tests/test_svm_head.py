@@ -75,10 +75,7 @@ def test_default_settings_agree_with_cvxpylayers_at_resnet_width():
 @pytest.mark.parametrize("method", ["active_set", "interior_point"])
 @pytest.mark.parametrize("n_way,k_shot,dim", [(5, 1, 4), (5, 5, 4), (5, 5, 64), (20, 2, 8)])
 def test_both_methods_match_cvxpylayers_on_the_dual(method, n_way, k_shot, dim):
-    """Each QP method alone, from the Gram matrix: alpha and dL/dP against cvxpylayers.
-
-    At small dimension the bounds bind and the active set takes several steps to find; at
-    dimension 64 the bound-free solution is already optimal."""
+    """Each QP method from the Gram matrix: alpha and dL/dP against cvxpylayers; the bounds bind in every case."""
     support, labels, _ = episode(2, n_way, k_shot, 1, dim, 30 + dim + k_shot)
     P = support_gram(support.relu(), 1.0)
     Y = one_hot(labels, n_way, torch.float64)
@@ -94,6 +91,11 @@ def test_both_methods_match_cvxpylayers_on_the_dual(method, n_way, k_shot, dim):
     fast = alpha_and_grad(lambda P: solve_qp(P, -Y, 0.1 * Y, torch.zeros_like(Y[..., 0]), method=method, **TIGHT).x)
     ref = alpha_and_grad(lambda P: svm_dual_cvxpy_gram(P, labels, n_way))
     assert res.ok.all() and res.polished.all()
+    if method == "active_set":  # the active-set steps finished every task: the interior point did not run
+        scale = P.diagonal(dim1=1, dim2=2).mean(1).view(-1, 1, 1)
+        *_, done, _, _ = _active_set_method(P / scale, -Y / scale, 0.1 * Y, torch.zeros_like(Y[..., 0]),
+                                            TIGHT["max_iter"], TIGHT["tol"])
+        assert done.all()
     assert rel(fast[0], ref[0]) < 1e-4 and rel(fast[1], ref[1]) < 1e-4, (rel(fast[0], ref[0]), rel(fast[1], ref[1]))
 
 
@@ -122,10 +124,19 @@ def test_tasks_the_active_set_cycles_on_are_solved_by_the_interior_point():
     U = torch.rand(64, 3, 3, generator=g, dtype=torch.float64)
     b = (U - 0.5 * torch.rand(64, 3, 3, generator=g, dtype=torch.float64)).sum(-1)
     P, R, U, b = P[32:34], R[32:34], U[32:34], b[32:34]  # task 33 of this draw cycles, task 32 does not
-    fast, robust = solve_qp(P, R, U, b, max_iter=30), solve_qp(P, R, U, b, max_iter=30, method="interior_point")
+    w = torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
+
+    def solve(method):
+        leaves = [t.clone().requires_grad_() for t in (P, R, U, b)]
+        res = solve_qp(*leaves, max_iter=30, method=method)
+        return res, torch.autograd.grad((res.x * w).sum(), leaves)
+
+    (fast, fast_grads), (robust, robust_grads) = solve("active_set"), solve("interior_point")
     assert fast.ok.all() and fast.polished.all()
     assert fast.iters[0] < 30 < fast.iters[1]  # task 33 spent its 30 active-set steps, then the interior point's
     torch.testing.assert_close(fast.x, robust.x, rtol=1e-9, atol=1e-12)
+    for a, b_ in zip(fast_grads, robust_grads):  # the fallback's active set reaches the backward
+        torch.testing.assert_close(a, b_, rtol=1e-9, atol=1e-12)
 
 
 def test_gradient_matches_central_finite_differences():
@@ -235,7 +246,8 @@ def test_broken_and_unconverged_tasks_are_reported_not_nan():
     assert logits.isfinite().all() and s.grad.isfinite().all() and q.grad.isfinite().all()
     assert (s.grad[1] == 0).all() and (s.grad[0] != 0).any()
 
-    query = query.detach().clone()
+    clean = query.detach().clone()
+    query = clean.clone()
     query[2, 1, 3] = float("inf")  # a broken query: seen in its task's logits, then zeroed
     s, q = support.detach().nan_to_num().requires_grad_(), query.requires_grad_()
     logits, ok = svm_logits(s, labels, q, 5)
@@ -244,7 +256,7 @@ def test_broken_and_unconverged_tasks_are_reported_not_nan():
     assert logits.isfinite().all() and s.grad.isfinite().all() and q.grad.isfinite().all()
     assert (q.grad[2] == 0).all() and (q.grad[0] != 0).any()
 
-    logits, ok = svm_logits(s.detach(), labels, q.detach().nan_to_num(), 5, max_iter=1)
+    logits, ok = svm_logits(s.detach(), labels, clean, 5, max_iter=1)
     assert not ok.any() and logits.isfinite().all()
 
 
@@ -266,6 +278,17 @@ def test_bad_inputs_are_named():
         svm_logits(support[0], labels, query, 5)
     with pytest.raises(ValueError, match="support_labels must be int64"):
         svm_logits(support, labels.int(), query, 5)
+
+
+@pytest.mark.parametrize("method", ["active_set", "interior_point"])
+def test_a_broken_task_is_neither_ok_nor_polished(method):
+    P = (2 * torch.eye(3, dtype=torch.float64)).repeat(2, 1, 1)
+    P[1, 0, 1] = float("nan")
+    R = torch.tensor([-1.0, 0.0], dtype=torch.float64).expand(2, 3, 2)
+    U, b = torch.ones(2, 3, 2, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)
+    res = solve_qp(P, R, U, b, method=method)
+    assert res.ok.tolist() == [True, False] and res.polished.tolist() == [True, False]
+    assert res.x.isfinite().all() and (res.x[1] == 0).all()
 
 
 def test_bad_solver_arguments_are_named():
