@@ -17,12 +17,13 @@ Gram matrix and the readout, forward and backward, alpha given), and "bound" is
 cvxpylayers over that: the most any solver could gain. At D = 16000 those
 embedding-sized products, which both paths do, are memory bound on CPU and take
 most of the time. The "solver" columns time the QP alone (jittered Gram matrix in,
-float64, alpha out, backward of a fixed linear function of alpha). Embeddings are ReLU'd Gaussians (non-negative, like a
-backbone's output). With ``--run``, the embeddings are a trained run's instead
-(its checkpoint's backbone on episodes of its store): there the SVM's bounds bind
-and the active set takes several steps, while on wide random embeddings the
-solution lies inside the box and one step solves it. "steps" is the mean number
-of steps per task (active-set plus, where a task falls back, interior-point steps); the "interior point" column times
+float64, alpha out, backward of a fixed linear function of alpha). Embeddings are
+ReLU'd Gaussians (non-negative, like a backbone's output). With ``--run``, the
+embeddings are a trained run's instead (its checkpoint's backbone on episodes of
+its store): there the SVM's bounds bind and the active set takes several steps,
+while on wide random embeddings the solution lies inside the box and one step
+solves it. "steps" is the mean number of steps per task (active-set plus, where a
+task falls back, interior-point steps); the "interior point" column times
 ``method="interior_point"`` (the fast path before the active-set steps).
 
     python benchmarks/svm_head.py [--device cuda] [--tasks 8 32] [--shots 1 5] [--dims 1600 16000] [--threads 1]
