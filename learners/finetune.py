@@ -10,12 +10,15 @@ only. Evaluation and fine-tuning are MAML's (all parameters, SGD).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch.func import grad
 
-from learners.maml import MAML, after_stats
+from learners.maml import MAML
+from learners.objective import after_stats
 from learners.params import Params
+from learners.registry import AlgorithmConfig, Parts, register
 
 
 @dataclass
@@ -37,3 +40,19 @@ class Scratch(Transfer):
     """Never meta-trained (the config requires outer.steps: 0): evaluation fine-tunes the initialization."""
 
     name: str = "scratch"
+
+
+@register
+class BaselineConfig(AlgorithmConfig):
+    """transfer: pre-train on the pooled tasks, then fine-tune; scratch: fine-tune the initialization only."""
+
+    name: Literal["transfer", "scratch"] = "transfer"
+
+    def build(self, parts: Parts) -> Transfer:
+        return (Scratch if self.name == "scratch" else Transfer)(parts.model, parts.objective, inner_lr=self.inner_lr,
+                                                                  strategy=parts.strategy)
+
+    def check(self, cfg) -> list[str]:
+        if self.name == "scratch" and cfg.outer.steps:
+            return ["outer.steps: scratch trains nothing before fine-tuning; set outer.steps: 0"]
+        return []

@@ -13,14 +13,16 @@ additionally be fine-tuned with SGD on the support set (``evaluate`` steps > 0).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import PositiveInt
 from torch import nn
 from torch.func import functional_call, grad
 
-from learners.maml import query_stats
-from learners.objective import Objective
+from learners.objective import Objective, query_stats
 from learners.params import ParamSpec, Params, init_params, materialize
+from learners.registry import AlgorithmConfig, Parts, register
 from learners.strategy import Strategy, Summed, sum_over_tasks
 from tasks.episode import EpisodeBatch
 
@@ -93,3 +95,16 @@ class HyperNetwork:
 def _pairs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One row [x_i, y_i] per support point: what the DeepSet reads."""
     return torch.cat([x.reshape(len(x), -1), y.reshape(len(y), -1)], dim=1)
+
+
+@register
+class HyperNetConfig(AlgorithmConfig):
+    name: Literal["hypernet"] = "hypernet"
+    hyper_width: PositiveInt = 64
+    """Width of the DeepSet's layers."""
+    families = ("sine",)
+
+    def build(self, parts: Parts) -> HyperNetwork:
+        # The task model's output joins its input in each support pair the DeepSet reads.
+        return HyperNetwork(parts.model, parts.objective, in_features=parts.in_features + 1, width=self.hyper_width,
+                            strategy=parts.strategy)

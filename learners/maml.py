@@ -15,14 +15,17 @@ detached (first order: the query gradient at the adapted point).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import NonNegativeInt
 from torch import nn
 from torch.func import functional_call, grad
 
 from learners.inner_loop import sgd
-from learners.objective import Objective
+from learners.objective import Objective, query_stats
 from learners.params import Params, init_params, materialize
+from learners.registry import AlgorithmConfig, Parts, register
 from learners.strategy import Strategy, Summed, sum_over_tasks
 from tasks.episode import EpisodeBatch
 
@@ -72,12 +75,18 @@ class MAML:
         return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
 
 
-def after_stats(objective: Objective, pred: torch.Tensor, y: torch.Tensor, when: str = "after") -> dict[str, torch.Tensor]:
-    """Query loss and metrics of one task's predictions, detached, named ``loss_after``, ``acc_after``, ..."""
-    pred = pred.detach()
-    return {f"{k}_{when}": v for k, v in {"loss": objective.loss(pred, y), **objective.metrics(pred, y)}.items()}
+@register
+class MAMLConfig(AlgorithmConfig):
+    """MAML (second order), FOMAML (first order) and ANIL (inner loop on the head only)."""
 
+    name: Literal["maml", "fomaml", "anil"] = "maml"
+    inner_steps: NonNegativeInt = 1
+    """SGD steps on the support set in the inner loop."""
+    first_order: bool = False
+    """Detach inner gradients (implied by fomaml)."""
 
-def query_stats(objective: Objective, pred_before: torch.Tensor, pred_after: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Query loss (and metrics) of one task before and after adaptation, detached."""
-    return {**after_stats(objective, pred_before, y, "before"), **after_stats(objective, pred_after, y)}
+    def build(self, parts: Parts) -> MAML:
+        return MAML(parts.model, parts.objective, self.inner_steps, self.inner_lr,
+                    first_order=self.first_order or self.name == "fomaml",
+                    inner_keys=parts.model.head_keys if self.name == "anil" else None,
+                    strategy=parts.strategy, name=self.name)

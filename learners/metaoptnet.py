@@ -20,27 +20,27 @@ fails or does not converge is dropped from the step and counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, vmap
+from pydantic import Field, PositiveFloat, PositiveInt
+from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from learners.classifier import Classifier, embed, feature_params
-from learners.maml import after_stats
-from learners.objective import Objective
-from learners.params import Params, init_params, materialize
+from learners.classifier import embed
+from learners.objective import after_stats
+from learners.params import Params
+from learners.registry import AlgorithmConfig, Parts, register
 from learners.ridge_head import ridge_dual
-from learners.strategy import Strategy, Summed
+from learners.strategy import Strategy, Summed, kept_stats
+from learners.support_head import SupportHead
 from learners.svm_head import dual_readout, svm_dual
 from tasks.episode import EpisodeBatch
 
 
 @dataclass
-class MetaOptNet:
-    model: Classifier
-    objective: Objective
-    n_way: int
+class MetaOptNet(SupportHead):
     head: str = "svm"  # "svm" | "ridge"
     solver: str = "fast"  # "fast" (batched QP, learners.qp) | "cvxpylayers" (reference)
     C: float = 0.1
@@ -52,9 +52,7 @@ class MetaOptNet:
     name: str = "metaoptnet-svm"
 
     def init_params(self, seed: int) -> Params:
-        params = {k: v for k, v in init_params(self.model, seed).items() if k not in self.model.head_keys}
-        params["scale"] = torch.ones(1)
-        return params
+        return {**super().init_params(seed), "scale": torch.ones(1)}
 
     def _embed_tasks(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """[T, n, ...] images -> [T, n, D] embeddings, each task through the network on its own."""
@@ -102,12 +100,9 @@ class MetaOptNet:
             grads = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, values)]
             if not all(bool(g.sum().isfinite()) for g in grads):  # finite losses, non-finite gradient
                 grads, kept, ok = [torch.zeros_like(v) for v in leaves], 0, torch.zeros_like(ok)
-        stats: dict[str, float] = {}
-        for lg, y, keep in zip(logits.detach(), batch.query_y, ok.tolist()):
-            if keep:
-                for k, v in after_stats(self.objective, lg, y).items():
-                    stats[k] = stats.get(k, 0.0) + float(v)
-        return Summed(tree_unflatten(grads, spec), stats, kept, len(batch) - kept, ok.tolist())
+        per_task = [after_stats(self.objective, lg, y) for lg, y in zip(logits.detach(), batch.query_y)]
+        stats = {k: torch.stack([t[k] for t in per_task]) for k in per_task[0]}
+        return Summed(tree_unflatten(grads, spec), kept_stats(stats, ok), kept, len(batch) - kept, ok.tolist())
 
     def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         support = embed(self.model, params, support_x)[None]
@@ -117,13 +112,41 @@ class MetaOptNet:
         return {**body, "head.weight": weight, "head.bias": torch.zeros(self.n_way, dtype=weight.dtype,
                                                                            device=weight.device)}
 
-    adapt = start
 
-    def tunable(self, task_params: Params) -> tuple[str, ...]:
-        return self.model.head_keys
+class _MetaOptNetConfig(AlgorithmConfig):
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Label smoothing of the query loss."""
+    families = ("images",)
 
-    def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, task_params, (x,))
 
-    def export(self, params: Params, batch: EpisodeBatch):
-        return materialize(self.model.features, feature_params(params)), batch.query_x[0]
+@register
+class MetaOptNetSVMConfig(_MetaOptNetConfig):
+    """The Crammer-Singer SVM head (MetaOptNet-SVM)."""
+
+    name: Literal["metaoptnet-svm"] = "metaoptnet-svm"
+    svm_c: PositiveFloat = 0.1
+    """The SVM's C."""
+    solver: Literal["fast", "cvxpylayers"] = "fast"
+    """Batched QP in torch (fast), or cvxpylayers (the reference it is tested against)."""
+    solver_iters: PositiveInt = 15
+    """Solver steps while training (active-set steps, then as many interior-point steps)."""
+    eval_solver_iters: PositiveInt = 50
+    """Solver steps at evaluation."""
+
+    def build(self, parts: Parts) -> MetaOptNet:
+        return MetaOptNet(parts.model, parts.objective, parts.n_way, head="svm", solver=self.solver, C=self.svm_c,
+                          train_iters=self.solver_iters, eval_iters=self.eval_solver_iters,
+                          label_smoothing=self.label_smoothing, strategy=parts.strategy, name=self.name)
+
+
+@register
+class MetaOptNetRidgeConfig(_MetaOptNetConfig):
+    """The ridge-regression head (MetaOptNet-RR, R2D2)."""
+
+    name: Literal["metaoptnet-ridge"] = "metaoptnet-ridge"
+    ridge_lambda: PositiveFloat = 50.0
+    """The ridge penalty."""
+
+    def build(self, parts: Parts) -> MetaOptNet:
+        return MetaOptNet(parts.model, parts.objective, parts.n_way, head="ridge", lam=self.ridge_lambda,
+                          label_smoothing=self.label_smoothing, strategy=parts.strategy, name=self.name)

@@ -1,4 +1,5 @@
-"""Task objectives: the loss a task is fitted with and the metrics reported on its query set."""
+"""Task objectives: the loss a task is fitted with, the metrics reported on its query set, and the
+per-task statistics (before/after adaptation) every algorithm returns with its meta-gradient."""
 
 from __future__ import annotations
 
@@ -38,3 +39,14 @@ class CrossEntropy:
 
     def metrics(self, pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"acc": (pred.argmax(-1) == y).to(pred.dtype).mean()}
+
+
+def after_stats(objective: Objective, pred: torch.Tensor, y: torch.Tensor, when: str = "after") -> dict[str, torch.Tensor]:
+    """Query loss and metrics of one task's predictions, detached, named ``loss_after``, ``acc_after``, ..."""
+    pred = pred.detach()
+    return {f"{k}_{when}": v for k, v in {"loss": objective.loss(pred, y), **objective.metrics(pred, y)}.items()}
+
+
+def query_stats(objective: Objective, pred_before: torch.Tensor, pred_after: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Query loss (and metrics) of one task before and after adaptation, detached."""
+    return {**after_stats(objective, pred_before, y, "before"), **after_stats(objective, pred_after, y)}

@@ -14,16 +14,17 @@ export/evaluation code serve ProtoNet, MAML and MetaOptNet.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from torch import nn
-from torch.func import functional_call, grad
+from torch.func import grad
 
-from learners.classifier import Classifier, embed, feature_params
-from learners.maml import after_stats
-from learners.objective import Objective
-from learners.params import Params, init_params, materialize
+from learners.classifier import embed
+from learners.objective import after_stats
+from learners.params import Params
+from learners.registry import AlgorithmConfig, Parts, register
 from learners.strategy import Strategy, Summed, sum_over_tasks
+from learners.support_head import SupportHead
 from tasks.episode import EpisodeBatch
 
 
@@ -36,27 +37,13 @@ def prototype_head(embedding: torch.Tensor, labels: torch.Tensor, n_way: int) ->
 
 
 @dataclass
-class ProtoNet:
-    model: Classifier
-    objective: Objective
-    n_way: int
+class ProtoNet(SupportHead):
     strategy: Strategy = "vmap"
     name: str = "protonet"
-
-    def init_params(self, seed: int) -> Params:
-        return {k: v for k, v in init_params(self.model, seed).items() if k not in self.model.head_keys}
 
     def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         weight, bias = prototype_head(embed(self.model, params, support_x), support_y, self.n_way)
         return {**params, "head.weight": weight, "head.bias": bias}
-
-    adapt = start
-
-    def tunable(self, task_params: Params) -> tuple[str, ...]:
-        return self.model.head_keys
-
-    def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, task_params, (x,))
 
     def task_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
         def query_loss(p: Params):
@@ -69,6 +56,11 @@ class ProtoNet:
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
         return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
 
-    def export(self, params: Params, batch: EpisodeBatch) -> tuple[nn.Module, torch.Tensor]:
-        # The meta-learned part is the embedding network: images in, embeddings out.
-        return materialize(self.model.features, feature_params(params)), batch.query_x[0]
+
+@register
+class ProtoNetConfig(AlgorithmConfig):
+    name: Literal["protonet"] = "protonet"
+    families = ("images",)
+
+    def build(self, parts: Parts) -> ProtoNet:
+        return ProtoNet(parts.model, parts.objective, n_way=parts.n_way, strategy=parts.strategy)

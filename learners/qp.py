@@ -278,7 +278,7 @@ def _pinned_solve(P: Tensor, R: Tensor, U: Tensor, b: Tensor, active: Tensor):
     return x, s, nu, lam, err.masked_fill(~good, float("inf"))
 
 
-def _active_set_method(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int, tol: float):
+def active_set_steps(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int, tol: float):
     """Primal-dual active-set steps (Hintermueller, Ito and Kunisch, 2002) from the bound-free solution.
 
     Each step solves the QP with the current active set pinned (``_pinned_solve``); then free
@@ -334,7 +334,7 @@ def _solve(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int, tol: float
     if method == "interior_point":
         *point, err, iters = _interior_point(P, R, U, b, max_iter, tol)
         return (*_polish(P, R, U, b, *point, err), iters)
-    *solution, done, active, iters = _active_set_method(P, R, U, b, max_iter, tol)
+    *solution, done, active, iters = active_set_steps(P, R, U, b, max_iter, tol)
     out = (*solution, done, active, iters)
     rest = (~done).nonzero().squeeze(1)
     if len(rest):  # stalled, cycling or out of steps: the interior point from its own start

@@ -9,11 +9,15 @@ parameters); only the per-task meta-gradient differs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import NonNegativeInt
 
-from learners.maml import MAML, query_stats
+from learners.maml import MAML
+from learners.objective import query_stats
 from learners.params import Params
+from learners.registry import AlgorithmConfig, Parts, register
 
 
 @dataclass
@@ -28,3 +32,13 @@ class Reptile(MAML):
         with torch.no_grad():
             stats = query_stats(self.objective, self.predict(params, qx), self.predict(fast, qx), qy)
         return delta, stats
+
+
+@register
+class ReptileConfig(AlgorithmConfig):
+    name: Literal["reptile"] = "reptile"
+    inner_steps: NonNegativeInt = 5
+    """SGD steps on the support set; the meta-gradient is θ minus where they end."""
+
+    def build(self, parts: Parts) -> Reptile:
+        return Reptile(parts.model, parts.objective, self.inner_steps, self.inner_lr, strategy=parts.strategy)

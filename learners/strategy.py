@@ -43,6 +43,13 @@ def _finite(tree: dict[str, torch.Tensor], batched: bool) -> torch.Tensor:
     return torch.stack(flags).all(0)
 
 
+def kept_stats(stats: dict[str, torch.Tensor], ok: torch.Tensor) -> dict[str, float]:
+    """Sums over the kept tasks (``ok`` [T]) of per-task statistics ``{name: [T]}``."""
+    if bool(ok.all()):
+        return {k: float(v.sum()) for k, v in stats.items()}
+    return {k: float(torch.where(ok, v, 0).sum()) for k, v in stats.items()}
+
+
 def sum_over_tasks(task_fn: TaskFn, params: Params, batch: EpisodeBatch, strategy: Strategy) -> Summed:
     """Apply ``task_fn(params, sx, sy, qx, qy) -> (grads, stats)`` to every task and sum the finite ones."""
     tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
@@ -52,11 +59,9 @@ def sum_over_tasks(task_fn: TaskFn, params: Params, batch: EpisodeBatch, strateg
         kept = int(ok.sum())
         if kept == len(batch):
             summed = {k: v.sum(0) for k, v in grads.items()}
-            totals = {k: float(v.sum()) for k, v in stats.items()}
         else:
             summed = {k: torch.where(ok.view(-1, *[1] * (v.dim() - 1)), v, 0).sum(0) for k, v in grads.items()}
-            totals = {k: float(torch.where(ok, v, 0).sum()) for k, v in stats.items()}
-        return Summed(summed, totals, kept, len(batch) - kept, ok.tolist())
+        return Summed(summed, kept_stats(stats, ok), kept, len(batch) - kept, ok.tolist())
     if strategy == "loop":
         acc = {k: torch.zeros_like(v) for k, v in params.items()}
         totals: dict[str, float] = {}

@@ -22,11 +22,13 @@ Slow (one conic solve per task, on CPU): use it for tests and benchmarks only.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-import cvxpy as cp
 import torch
 import torch.nn.functional as F
-from cvxpylayers.torch import CvxpyLayer
+
+if TYPE_CHECKING:
+    from cvxpylayers.torch import CvxpyLayer
 
 from learners.svm_head import check_head_inputs
 
@@ -47,6 +49,10 @@ SOLVER_ARGS = {
 @functools.lru_cache(maxsize=64)
 def _layer(n_support: int, n_way: int, C: float) -> CvxpyLayer:
     """The cvxpylayers problem for one (S, N, C); built once (canonicalization takes tens of ms)."""
+    # Imported here: cvxpy takes ~1.5 s to import, and every process that lists the algorithms imports this file.
+    import cvxpy as cp
+    from cvxpylayers.torch import CvxpyLayer
+
     alpha = cp.Variable((n_support, n_way))
     L = cp.Parameter((n_support, n_support))
     Y = cp.Parameter((n_support, n_way))

@@ -1,7 +1,8 @@
 """From a validated config to the objects a learner or worker runs: task source, model, algorithm.
 
-The one place where config names meet classes, so workers and the central
-learner build identical algorithms from the same config.
+Workers and the central learner build identical objects from the same config here. Algorithms
+build themselves from their config variant (``learners.registry``); this module only resolves
+what they are built from (``Parts``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ from torch import nn
 from learners.algorithm import Algorithm
 from learners.classifier import Classifier
 from learners.conv4 import Conv4
-from learners.finetune import Scratch, Transfer
-from learners.hypernet import HyperNetwork
-from learners.maml import MAML
-from learners.metaoptnet import MetaOptNet
 from learners.mlp import MLP
 from learners.objective import MSE, CrossEntropy, Objective
-from learners.protonet import ProtoNet
-from learners.reptile import Reptile
+from learners.registry import Parts
 from learners.resnet12 import ResNet12
 from orchestrator.config import Config, ConfigError, ImageTaskConfig, SineTaskConfig, TaskConfig
 from tasks.episode import TaskSource
@@ -66,8 +62,6 @@ def build_model(cfg: Config) -> tuple[nn.Module, Objective, int]:
             raise ConfigError(f"model.backbone: {cfg.model.backbone} pools 4 times and needs images of at least "
                               f"16x16; {cfg.task.store} holds {height}x{height} (convert with --size 28 or more)")
         if cfg.model.backbone == "resnet12":
-            # DropBlock stays off: its masks would come from a process-local generator, not from the episode,
-            # and distributed steps would no longer be exact.
             net = ResNet12(channels)
             model = Classifier(net, net.out_features(shape), cfg.task.n_way)
         else:
@@ -79,24 +73,5 @@ def build_algorithm(cfg: Config) -> Algorithm:
     model, objective, in_features = build_model(cfg)
     a = cfg.algorithm
     strategy = AUTO_STRATEGY[cfg.model.backbone] if a.strategy == "auto" else a.strategy
-    common = dict(model=model, objective=objective, inner_steps=a.inner_steps, inner_lr=a.inner_lr, strategy=strategy)
-    if a.name in ("maml", "fomaml"):
-        return MAML(**common, first_order=a.first_order or a.name == "fomaml", name=a.name)
-    if a.name == "anil":
-        return MAML(**common, first_order=a.first_order, inner_keys=model.head_keys, name="anil")
-    if a.name == "reptile":
-        return Reptile(**common)
-    if a.name == "transfer":
-        return Transfer(**common)
-    if a.name == "scratch":
-        return Scratch(**common)
-    if a.name == "protonet":
-        return ProtoNet(model, objective, n_way=cfg.task.n_way, strategy=strategy)
-    if a.name.startswith("metaoptnet"):
-        return MetaOptNet(model, objective, n_way=cfg.task.n_way, head=a.name.split("-")[1], solver=a.solver,
-                          C=a.svm_c, lam=a.ridge_lambda, train_iters=a.solver_iters, eval_iters=a.eval_solver_iters,
-                          label_smoothing=a.label_smoothing, strategy=strategy, name=a.name)
-    if a.name == "hypernet":
-        # The task model's output joins its input in each support pair the DeepSet reads.
-        return HyperNetwork(model, objective, in_features=in_features + 1, width=a.hyper_width, strategy=strategy)
-    raise ValueError(f"unknown algorithm {a.name!r}")
+    n_way = cfg.task.n_way if isinstance(cfg.task, ImageTaskConfig) else None
+    return a.build(Parts(model, objective, in_features, n_way, strategy))

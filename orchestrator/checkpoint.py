@@ -1,17 +1,19 @@
-"""Checkpoints: θ, optimizer state, step, config and counters, written atomically and loaded without pickle.
+"""Checkpoints: the union of the run's owned states, written atomically and loaded without pickle.
 
-A checkpoint is written to a temporary file in the same folder, flushed to
-disk, then renamed over the old one, so a crash at any moment leaves either the
-old or the new checkpoint, never half of one. Loading uses
-``torch.load(weights_only=True)``: no code from the file is executed. Because
-episodes are seed-addressed, (θ, optimizer state, step, config) is the whole
-state of a run: resuming continues the exact trajectory.
+A checkpoint holds the config and the ``state_dict()`` of each object that owns part of the
+run: the learner (θ, optimizer, step, skipped steps, LR schedule), the worker group's fault
+counters, and the tracker (its MLflow run). Because episodes are seed-addressed, that is the
+whole state of a run: resuming continues the exact trajectory.
+
+The file is written to a temporary file in the same folder, flushed to disk, then renamed over
+the old one (``atomic.write_atomic``), so a crash at any moment leaves the old or the new
+checkpoint, never half of one. Loading uses ``torch.load(weights_only=True)``: no code from the
+file is executed. A θ that is not finite is never written.
 """
 
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,15 @@ import torch
 import yaml
 
 from learners.params import Params
+from orchestrator.atomic import write_atomic
 from orchestrator.config import Config, ConfigError, parse_config
 
-FORMAT = "metaray-checkpoint/1"
+FORMAT = "metaray-checkpoint/2"
+FORMAT_V1 = "metaray-checkpoint/1"
 FILENAME = "checkpoint.pt"
 
 # Settings that may change between a run and its resumption without changing the trajectory.
+# The share count is not one of them: it decides how the gradient sums are rounded (checked apart).
 RESUMABLE_CHANGES = ("workers.", "eval.", "run.dir", "run.name", "run.checkpoint_every", "run.log_every",
                      "outer.steps", "tracking.")
 
@@ -36,38 +41,29 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    step: int
-    params: Params
-    optimizer: dict[str, Any]
     config: Config
-    state: dict[str, Any]  # counters and ids: faults, skipped steps, tracking run id
+    learner: dict[str, Any]  # CentralLearner.state_dict()
+    faults: dict[str, int]  # FaultLog.state_dict()
+    tracker: dict[str, Any]  # the tracker's state_dict()
     path: Path
 
+    @property
+    def step(self) -> int:
+        return int(self.learner["step"])
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Replace ``path`` with ``data`` so that a crash at any moment leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    @property
+    def params(self) -> Params:
+        return self.learner["params"]
 
 
-def save(path: Path, *, step: int, params: Params, optimizer: dict[str, Any], config: Config,
-         state: dict[str, Any]) -> None:
-    payload = {
-        "format": FORMAT,
-        "step": step,
-        "params": {k: v.detach().cpu() for k, v in params.items()},
-        "optimizer": optimizer,
-        "config": config.to_yaml(),
-        "state": state,
-    }
+def save(path: Path, config: Config, *, learner: dict[str, Any], faults: dict[str, int],
+         tracker: dict[str, Any]) -> None:
+    params = learner["params"]
+    if not all(bool(v.isfinite().all()) for v in params.values()):
+        raise ValueError(f"refusing to checkpoint a non-finite θ to {path}")  # the learner never makes one
+    payload = {"format": FORMAT, "config": config.to_yaml(),
+               "learner": {**learner, "params": {k: v.detach().cpu() for k, v in params.items()}},
+               "faults": faults, "tracker": tracker}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_atomic(path, buffer.getvalue())
@@ -86,27 +82,53 @@ def load(path_or_run: str | Path) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        reason = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{path}: corrupt or not a metaray checkpoint ({reason})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        # Not torch's own message: it suggests weights_only=False, i.e. running code from the file.
+        raise CheckpointError(f"{path}: not a metaray checkpoint (torch cannot read it: {type(e).__name__}); "
+                              "give the checkpoint.pt of a run folder") from None
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, FORMAT_V1):
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: not a metaray checkpoint (format {found!r}, expected {FORMAT!r})")
     try:
+        if payload["format"] == FORMAT_V1:
+            payload = _from_v1(payload)
         config = parse_config(yaml.safe_load(payload["config"]), f"{path} (stored config)")
-        return Checkpoint(int(payload["step"]), dict(payload["params"]), payload["optimizer"], config,
-                          dict(payload.get("state", {})), path)
-    except (KeyError, TypeError, ConfigError, yaml.YAMLError) as e:
+        learner = dict(payload["learner"])
+        learner["params"] = dict(learner["params"])
+        int(learner["step"])
+        return Checkpoint(config, learner, dict(payload["faults"]), dict(payload["tracker"]), path)
+    except (KeyError, TypeError, ValueError, ConfigError, yaml.YAMLError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint ({e})") from None
+
+
+def _from_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of format 1 (one flat dict) in format 2; its config loses the keys metaray no longer has."""
+    state = payload.get("state", {})
+    config = yaml.safe_load(payload["config"])
+    config.get("task", {}).pop("points_per_task", None)
+    config.get("workers", {}).pop("fault_injection", None)
+    algorithm = config.get("algorithm", {})
+    from learners.registry import variant
+
+    known = variant(algorithm.get("name", "maml")).model_fields
+    config["algorithm"] = {k: v for k, v in algorithm.items() if k in known}  # v1 stored every algorithm's knobs
+    return {"config": yaml.safe_dump(config, sort_keys=False),
+            "learner": {"params": payload["params"], "optimizer": payload["optimizer"], "step": payload["step"],
+                        "skipped_steps": state.get("skipped_steps", 0)},
+            "faults": {"count": state.get("faults", 0), "stragglers": state.get("stragglers", 0)},
+            "tracker": {"run_id": state.get("mlflow_run_id")}}
 
 
 def check_resumable(ckpt: Checkpoint, cfg: Config, expected: Params) -> None:
     """Refuse to continue a checkpoint under a config that would change its trajectory."""
     old, new = ckpt.config.flat(), cfg.flat()
-    differ = [k for k in sorted(set(old) | set(new))
+    differ = [f"{k}: {old.get(k)!r} in the checkpoint vs {new.get(k)!r} now" for k in sorted(set(old) | set(new))
               if not k.startswith(RESUMABLE_CHANGES) and old.get(k) != new.get(k)]
+    old_shares, new_shares = ckpt.config.workers.share_count, cfg.workers.share_count
+    if old_shares != new_shares:
+        differ.append(f"workers.shares: {old_shares} in the checkpoint vs {new_shares} now (set workers.shares: "
+                      f"{old_shares} to keep the checkpoint's cut of each meta-batch)")
     if differ:
-        shown = ", ".join(f"{k}: {old.get(k)!r} in the checkpoint vs {new.get(k)!r} now" for k in differ[:4])
-        raise CheckpointError(f"{ckpt.path} was written for a different run ({shown}); "
+        raise CheckpointError(f"{ckpt.path} was written for a different run ({', '.join(differ[:4])}); "
                               "resume with the same settings or start a new run.name")
     check_params(ckpt, expected)
 

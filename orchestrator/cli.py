@@ -20,7 +20,8 @@ import sys
 from orchestrator import checkpoint, data_cli
 from orchestrator.checkpoint import CheckpointError
 from orchestrator.config import ConfigError, apply_overrides, load_config, parse_config
-from orchestrator.group import RunFailed
+from orchestrator.errors import RunFailed
+from orchestrator.interrupts import Interrupted
 from orchestrator.run import evaluate_checkpoint, train
 from orchestrator.sweep import sweep
 from orchestrator.tracking import DEFAULT_URI, TrackingError
@@ -91,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"metaray: failed: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"metaray: stopped by {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
+        print("metaray: stopped by SIGINT", file=sys.stderr)
         return 130
     return 0
 

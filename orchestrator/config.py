@@ -9,6 +9,7 @@ on one line that names each key (``ConfigError``). Example::
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -22,11 +23,15 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    SerializeAsAny,
     Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from learners.registry import AlgorithmConfig, variant, variants
+from orchestrator.errors import one_line
 
 
 class ConfigError(ValueError):
@@ -34,10 +39,12 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a bool or a string where a number belongs is a mistake, not something to coerce;
+    # allow_inf_nan=False: an infinite learning rate would train a NaN model.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-Range = tuple[float, float]
+Range = Annotated[tuple[float, float], Field(strict=False)]  # YAML gives lists; strict would only take tuples
 
 
 class SineTaskConfig(Strict):
@@ -48,8 +55,6 @@ class SineTaskConfig(Strict):
     """Support points per task."""
     query: PositiveInt = 10
     """Query points per task."""
-    points_per_task: PositiveInt = 50
-    """Size of one task's dataset; k_shot + query must fit in it."""
     amplitude: Range = (0.1, 5.0)
     phase: Range = (0.0, math.pi)
     x_range: Range = (-5.0, 5.0)
@@ -62,12 +67,6 @@ class SineTaskConfig(Strict):
             lo_hi = getattr(self, name)
             if lo_hi is not None and not lo_hi[0] <= lo_hi[1]:
                 raise _KeyError(name, f"must be [low, high] with low <= high, got {list(lo_hi)}")
-        if self.k_shot + self.query > self.points_per_task:
-            raise _KeyError(
-                "k_shot",
-                f"k_shot + query = {self.k_shot + self.query} is more than the {self.points_per_task} points a task "
-                "has (points_per_task); lower k_shot or query, or raise points_per_task",
-            )
         return self
 
 
@@ -134,32 +133,6 @@ class ModelConfig(Strict):
     """Filters per Conv-4 block (64 in most papers; MAML used 32 on miniImageNet)."""
 
 
-class AlgorithmConfig(Strict):
-    name: Literal["maml", "fomaml", "anil", "reptile", "protonet", "metaoptnet-svm", "metaoptnet-ridge", "hypernet",
-                  "transfer", "scratch"] = "maml"
-    inner_steps: NonNegativeInt = 1
-    """SGD steps on the support set in the inner loop."""
-    inner_lr: PositiveFloat = 0.01
-    first_order: bool = False
-    """Detach inner gradients (implied by fomaml and reptile)."""
-    strategy: Literal["auto", "vmap", "loop"] = "auto"
-    """Per-task execution; auto picks the measured faster one for the model."""
-    hyper_width: PositiveInt = 64
-    """Width of the hypernetwork's DeepSet (hypernet only)."""
-    svm_c: PositiveFloat = 0.1
-    """MetaOptNet-SVM: the SVM's C."""
-    ridge_lambda: PositiveFloat = 50.0
-    """MetaOptNet-ridge: the ridge penalty."""
-    solver: Literal["fast", "cvxpylayers"] = "fast"
-    """MetaOptNet-SVM: batched QP in torch (fast), or cvxpylayers (the reference it is tested against)."""
-    solver_iters: PositiveInt = 15
-    """MetaOptNet-SVM: solver steps while training (active-set steps, then as many interior-point steps)."""
-    eval_solver_iters: PositiveInt = 50
-    """MetaOptNet-SVM: solver steps at evaluation."""
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    """MetaOptNet: label smoothing of the query loss."""
-
-
 class OuterConfig(Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: PositiveFloat = 1e-3
@@ -171,16 +144,6 @@ class OuterConfig(Strict):
     """Tasks per meta-step."""
     steps: NonNegativeInt = 20000
     """Meta-steps in total (a resumed run continues up to this)."""
-
-
-class FaultInjection(Strict):
-    """Make one worker fail on purpose (tests, drills): at ``step`` the worker with index ``worker`` exits,
-    or (``sleep``) becomes a straggler for ``seconds``."""
-
-    worker: NonNegativeInt
-    step: NonNegativeInt
-    action: Literal["exit", "sleep"] = "exit"
-    seconds: PositiveFloat = 30.0
 
 
 class WorkersConfig(Strict):
@@ -198,10 +161,12 @@ class WorkersConfig(Strict):
     start_timeout_s: PositiveFloat = 600.0
     """How long to wait for workers to be placed (an autoscaler may be adding nodes) before giving up."""
     shares: PositiveInt | None = None
-    """Pieces each meta-batch is cut into (default num_workers). Fixed for a run, so a step's result does not
-    depend on how many workers are alive; workers take shares from a queue."""
+    """Pieces each meta-batch is cut into (default: max_workers, else num_workers). Fixed for a run, so a step's
+    result does not depend on how many workers are alive; workers take shares from a queue. Changing it changes
+    the sums' rounding, so a run cannot be resumed with another share count."""
     max_workers: PositiveInt | None = None
-    """Elastic: grow up to this many workers at step boundaries when the cluster has room (default num_workers)."""
+    """Elastic: grow up to this many workers at step boundaries when the cluster has room (default num_workers).
+    The default share count follows it, so workers that join have shares to take."""
     straggler_deadline_s: PositiveFloat | None = None
     """A share still running after this long is also given to an idle worker; the first result wins."""
     learner: Literal["driver", "actor"] = "driver"
@@ -214,11 +179,10 @@ class WorkersConfig(Strict):
     learner receives one (float64) gradient per node (for large models on many workers per node)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where workers compute: auto = cuda when num_gpus > 0 and a GPU is visible."""
-    fault_injection: FaultInjection | None = None
 
     @property
     def share_count(self) -> int:
-        return self.shares or self.num_workers
+        return self.shares or self.max_workers or self.num_workers
 
 
 class EvalConfig(Strict):
@@ -261,15 +225,34 @@ class RunConfig(Strict):
     log_every: PositiveInt = 100
 
 
+def _default_algorithm() -> AlgorithmConfig:
+    return variant("maml")()
+
+
 class Config(Strict):
     run: RunConfig = RunConfig()
     task: TaskConfig = SineTaskConfig()
     model: ModelConfig = ModelConfig()
-    algorithm: AlgorithmConfig = AlgorithmConfig()
+    algorithm: SerializeAsAny[AlgorithmConfig] = Field(default_factory=_default_algorithm)
+    """One variant per algorithm (``learners.registry``), chosen by ``name``; each takes only its own keys."""
     outer: OuterConfig = OuterConfig()
     workers: WorkersConfig = WorkersConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _algorithm_variant(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # a section without ``name`` is MAML, the default algorithm
+            name = value.get("name", "maml")
+            if not isinstance(name, str):
+                raise _KeyError("name", f"must be an algorithm name (one of {', '.join(variants())}), got {name!r}")
+            try:
+                model = variant(name)
+            except ValueError as e:
+                raise _KeyError("name", str(e)) from None
+            return model.model_validate(value)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -278,23 +261,17 @@ class Config(Strict):
         if w.max_workers is not None and w.max_workers < w.num_workers:
             errors.append(f"workers.max_workers: {w.max_workers} is below workers.num_workers={w.num_workers}; "
                           "raise it (it is the elastic upper bound) or leave it out")
-        if w.fault_injection is not None and w.fault_injection.worker >= w.num_workers:
-            errors.append(f"workers.fault_injection.worker: {w.fault_injection.worker} names no worker "
-                          f"(there are {w.num_workers}, numbered from 0)")
         if self.workers.learner == "actor" and self.workers.mode != "ray":
             errors.append("workers.learner: a learner actor needs Ray workers; set workers.mode: ray")
-        if self.workers.fault_injection is not None and self.workers.mode != "ray":
-            errors.append("workers.fault_injection: only Ray workers can be failed on purpose; set workers.mode: ray")
         image_task = isinstance(self.task, ImageTaskConfig)
         if image_task != (self.model.backbone != "mlp"):
             errors.append(f"model.backbone: {self.model.backbone!r} does not fit task family {self.task.family!r} "
                           f"(use {'conv4' if image_task else 'mlp'})")
-        if self.algorithm.name in ("protonet", "metaoptnet-svm", "metaoptnet-ridge") and not image_task:
-            errors.append(f"algorithm.name: {self.algorithm.name} classifies; use it with task.family: images")
-        if self.algorithm.name == "hypernet" and image_task:
-            errors.append("algorithm.name: hypernet writes the weights of a regression MLP; use task.family: sine")
-        if self.algorithm.name == "scratch" and self.outer.steps:
-            errors.append("outer.steps: scratch trains nothing before fine-tuning; set outer.steps: 0")
+        a = self.algorithm
+        if self.task.family not in a.families:
+            errors.append(f"algorithm.name: {a.name} works on task.family {' or '.join(a.families)}, not "
+                          f"{self.task.family!r}")
+        errors += a.check(self)
         for name in self.eval.probes:
             try:
                 self.probe_task(name)
@@ -315,7 +292,7 @@ class Config(Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def flat(self) -> dict[str, Any]:
-        """The resolved config as ``{"outer.lr": 0.001, ...}`` (MLflow params)."""
+        """The resolved config as ``{"outer.lr": 0.001, ...}`` (MLflow params): only the keys this run has."""
         out: dict[str, Any] = {}
 
         def walk(prefix: str, value: Any) -> None:
@@ -337,6 +314,26 @@ class _KeyError(ValueError):
         self.key = key
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; every config writes learning rates that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document or value as metaray reads it (``1e-3`` is a number)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_config(data: Any, source: str = "config") -> Config:
     if data is None:
         data = {}
@@ -345,7 +342,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_format(e, (), Config)}") from None
+        raise ConfigError(f"{source}: {_format(e, (), Config, data)}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -355,11 +352,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         source = str(path)
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = parse_yaml(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a config file; give a YAML file such as "
+                              "configs/sine-maml.yaml") from None
+        except (UnicodeDecodeError, PermissionError) as e:
+            raise ConfigError(f"{path}: cannot read it as a YAML config ({type(e).__name__})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+            raise ConfigError(f"{path}: not valid YAML ({one_line(e, 400)})") from None
     data = apply_overrides(data if data is not None else {}, overrides)
     return parse_config(data, source)
 
@@ -381,7 +383,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"--set {item!r}: {p} is a value, not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            node[parts[-1]] = parse_yaml(raw)
         except yaml.YAMLError:
             node[parts[-1]] = raw
     return out
@@ -391,8 +393,9 @@ def _deepcopy(d: Any) -> Any:
     return {k: _deepcopy(v) for k, v in d.items()} if isinstance(d, dict) else d
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
-    """Field names of the config section at ``loc`` (skipping union tags), for 'unknown key' messages."""
+def _allowed_keys(model: type[BaseModel], loc: tuple, data: Any) -> list[str] | None:
+    """Field names of the config section at ``loc`` (skipping union tags), for 'unknown key' messages;
+    ``data`` is the input, which says which algorithm variant a section is."""
     current: Any = model
     for part in loc:
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
@@ -400,7 +403,10 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
         field = current.model_fields.get(part)
         if field is None:
             continue  # a discriminator tag such as 'sine' in ('task', 'sine', 'k_shot')
+        data = data.get(part) if isinstance(data, dict) else None
         current = _model_in(field.annotation)
+        if current is AlgorithmConfig and isinstance(data, dict):
+            current = variants().get(data.get("name", "maml"))
     return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
@@ -414,7 +420,7 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-def _format(error: ValidationError, prefix: tuple, model: type[BaseModel]) -> str:
+def _format(error: ValidationError, prefix: tuple, model: type[BaseModel], data: Any = None) -> str:
     parts: list[str] = []
     families = set(TASK_FAMILIES)
     for e in error.errors():
@@ -429,8 +435,11 @@ def _format(error: ValidationError, prefix: tuple, model: type[BaseModel]) -> st
         elif e["type"] == "value_error":
             message = e["msg"].removeprefix("Value error, ")
         elif e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc[:-1])
+            allowed = _allowed_keys(model, loc[:-1], data)
             message = "unknown key" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
+            if loc[:-1] == ("algorithm",):
+                owners = sorted(n for n, m in variants().items() if loc[-1] in m.model_fields)
+                message += f"; it is a setting of {', '.join(owners)}" if owners else ""
         elif e["type"] == "union_tag_invalid":
             key_loc = key_loc + ("family",)
             message = f"unknown task family {e['ctx']['tag']!r} (allowed: {', '.join(TASK_FAMILIES)})"

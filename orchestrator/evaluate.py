@@ -16,6 +16,8 @@ from orchestrator.config import Config
 from orchestrator.group import LocalGroup, WorkerGroup
 from tasks.episode import EpisodeIds, Purpose
 
+Results = dict[str, dict[str, dict[int, "Score"]]]  # {evaluation: {metric: {adaptation steps: Score}}}
+
 
 @dataclass(frozen=True)
 class Score:
@@ -46,7 +48,7 @@ def evaluate(cfg: Config, group: LocalGroup | WorkerGroup, theta: np.ndarray, pr
     ids = EpisodeIds(e.seed, 0, tuple(range(e.tasks)), Purpose.EVAL)
     shares = ids.split(math.ceil(e.tasks / e.batch_tasks))
     lr = e.inner_lr or cfg.algorithm.inner_lr
-    parts = group.map("evaluate", theta, shares, max(e.steps), lr, probe)
+    parts = group.evaluate(theta, shares, max(e.steps), lr, probe)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

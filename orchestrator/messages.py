@@ -1,13 +1,13 @@
 """The messages between the central learner and its workers, and the pure reduction of their results.
 
 Learner -> worker: flat float32 θ (one object-store ref per step) and ``EpisodeIds``.
-Worker -> learner: ``TaskResult``, the summed meta-gradient of its share.
+Worker -> learner: ``TaskResult``, the summed meta-gradient of its share (``EvalResult`` when evaluating).
 ``aggregate`` turns the results of one step into the mean meta-gradient.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +25,26 @@ class TaskResult:
     incarnation: str = ""  # changes when the actor process is restarted
     node: str = ""  # the Ray node that computed it (where its gradient lies for a node reducer)
 
+    def on_node(self, node: str) -> "TaskResult":
+        return replace(self, node=node)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One worker's share of an evaluation: per-episode curves ``{metric: [episodes, steps + 1]}``."""
+
+    curves: dict[str, np.ndarray]
+    incarnation: str = ""
+
+
+@dataclass(frozen=True)
+class CallTiming:
+    """Where the wall time of one group call went (seconds)."""
+
+    put_s: float = 0.0
+    wait_s: float = 0.0  # dispatch + remote compute + fetching results
+    gathered_bytes: int = 0  # gradient bytes the learner received
+
 
 @dataclass(frozen=True)
 class Aggregate:
@@ -32,7 +52,8 @@ class Aggregate:
     stats: dict[str, float]  # means over kept tasks
     tasks: int
     dropped: int
-    compute_s: float = 0.0
+    compute_s: float = 0.0  # the slowest share's compute
+    timing: CallTiming = field(default_factory=CallTiming)
 
 
 def sum_grads(grads: list[np.ndarray]) -> np.ndarray:
@@ -45,14 +66,15 @@ def sum_grads(grads: list[np.ndarray]) -> np.ndarray:
     return total
 
 
-def aggregate(results: list[TaskResult], partial_sums: list[np.ndarray] | None = None) -> Aggregate:
+def aggregate(results: list[TaskResult], partial_sums: list[np.ndarray] | None = None,
+              timing: CallTiming = CallTiming()) -> Aggregate:
     """Sum the shares' gradients (or the per-node ``partial_sums`` of them), divide by the kept tasks."""
     tasks = sum(r.tasks for r in results)
     dropped = sum(r.dropped for r in results)
     compute_s = max((r.compute_s for r in results), default=0.0)
     if tasks == 0:
-        return Aggregate(None, {}, 0, dropped, compute_s)
+        return Aggregate(None, {}, 0, dropped, compute_s, timing)
     total = sum_grads(partial_sums if partial_sums is not None else [r.grad for r in results])
     keys = sorted({k for r in results for k in r.stats})
     stats = {k: sum(r.stats.get(k, 0.0) for r in results) / tasks for k in keys}
-    return Aggregate((total / tasks).astype(np.float32), stats, tasks, dropped, compute_s)
+    return Aggregate((total / tasks).astype(np.float32), stats, tasks, dropped, compute_s, timing)

@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 from mlflow.entities import Metric
 
-from orchestrator.checkpoint import write_atomic
+from orchestrator.atomic import write_atomic
+from orchestrator.errors import one_line
 
 log = logging.getLogger("metaray")
 BATCH = 1000
@@ -97,7 +98,7 @@ class MetricWriter:
             try:
                 ok = self._drain()
             except Exception as e:  # noqa: BLE001 - a bug or a broken disk must not end delivery silently
-                log.warning("tracking: metric delivery error (%s); retrying", " ".join(str(e).split())[:160])
+                log.warning("tracking: metric delivery error (%s); retrying", one_line(e, 160))
                 ok = False
             if ok and self._stop.is_set():
                 return
@@ -142,7 +143,7 @@ class MetricWriter:
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
                 log.warning("tracking store unreachable (%s); training continues, metrics are buffered",
-                            " ".join(str(e).split())[:160])
+                            one_line(e, 160))
             return False
         if self._failing_since is not None:
             log.warning("tracking store reachable again after %.0f s; buffered metrics are being sent",

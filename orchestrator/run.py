@@ -2,33 +2,36 @@
 
 >>> from orchestrator.config import load_config
 >>> result = train(load_config("configs/sine-maml.yaml", ["outer.steps=100"]))  # doctest: +SKIP
+
+The recipe of ``train``: check the data and the checkpoint, open the tracker, start the workers, give
+the learner, the fault counters and the tracker their saved states, loop over meta-steps with periodic
+checkpoints, then evaluate, plot and export. A checkpoint is the union of those objects' state dicts.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-import numpy as np
-import torch
 
-from learners.algorithm import Algorithm
+import numpy as np
+
 from learners.params import ParamSpec, Params
 from orchestrator import checkpoint, plots
+from orchestrator.atomic import write_atomic
 from orchestrator.build import build_algorithm, build_tasks
-from orchestrator.config import Config, SineTaskConfig, parse_config
-from orchestrator.evaluate import Score, evaluate_all, mean_ci, table, to_json
-from orchestrator.group import LocalGroup, RunFailed, WorkerGroup, connect, make_group
+from orchestrator.config import Config
+from orchestrator.evaluate import Results, mean_ci
+from orchestrator.group import make_group
+from orchestrator.interrupts import Interrupted, StopSignals
 from orchestrator.learner import CentralLearner
-from orchestrator.tracking import MlflowTracker, NullTracker, open_tracker
+from orchestrator.report import evaluate_and_report
+from orchestrator.tracking import open_tracker
 from tasks.episode import EpisodeIds, Purpose
 
-Results = dict[str, dict[str, dict[int, Score]]]
 HISTORY_PREFIXES = ("meta/", "inner/", "orchestrator/")
 
 
@@ -48,142 +51,129 @@ class TrainResult:
 
 
 def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdout,
-          parent_run_id: str | None = None, stop: Callable[[], bool] | None = None) -> TrainResult:
+          parent_run_id: str | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Meta-train per ``cfg`` (continuing the run's checkpoint when ``resume``), evaluate, save, track.
 
     With ``workers.learner: actor`` all of it runs inside a Ray actor with its own resources (the
     driver only waits), so a cluster's head node, where ``ray job submit`` runs the command, does no work.
+    SIGINT/SIGTERM (or ``should_stop()`` turning true) stop at the next step boundary with a checkpoint.
     """
     if cfg.workers.learner == "actor":
-        return _train_in_actor(cfg, resume, evaluate, parent_run_id)
-    run_dir = cfg.run_dir
-    ckpt_path = run_dir / checkpoint.FILENAME
-    for split in ("train", "eval"):
-        build_tasks(cfg.task, split)  # bad data (missing store, too few images) fails here, before anything starts
+        from orchestrator.learner_actor import train_in_actor
+
+        return train_in_actor(cfg, resume, evaluate, parent_run_id)
+    return train_here(cfg, resume, evaluate, out, parent_run_id, should_stop)
+
+
+def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: str | None,
+               should_stop: Callable[[], bool] | None) -> TrainResult:
+    """``train`` with the learner in this process."""
+    ckpt = _starting_point(cfg, resume, out)
     algorithm = build_algorithm(cfg)
-    params = algorithm.init_params(cfg.run.seed)
-    optimizer_state, step, state = None, 0, {}
-    if resume:
-        ckpt = checkpoint.load(ckpt_path)
-        checkpoint.check_resumable(ckpt, cfg, params)
-        params, optimizer_state, step, state = ckpt.params, ckpt.optimizer, ckpt.step, ckpt.state
-        print(f"resuming {run_dir} at step {step}", file=out)
-    elif ckpt_path.exists():
-        raise checkpoint.CheckpointError(
-            f"{run_dir} already holds a checkpoint; pass --resume to continue it, or set another run.name")
-
     # Opened before Ray starts: an unusable tracking store is reported before any work is done.
-    tracker = open_tracker(cfg, run_id=state.get("mlflow_run_id"), parent_run_id=parent_run_id, run_dir=run_dir)
-    status = "FAILED"
-    group = None
+    tracker = open_tracker(cfg, state=ckpt.tracker if ckpt else None, parent_run_id=parent_run_id,
+                           run_dir=cfg.run_dir)
+    signals = StopSignals(should_stop)
+    status, group = "FAILED", None
     try:
-        group = make_group(cfg)
-        learner = CentralLearner(cfg, params, group, optimizer_state, step, state.get("skipped_steps", 0))
-        group.faults.count = state.get("faults", 0)
-        group.faults.stragglers = state.get("stragglers", 0)
-        checkpoint.write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-        tracker.log_params({**cfg.flat(), **_resources(cfg, group)})
-        tracker.log_artifact(run_dir / "config.yaml")
-        history: dict[str, list[float]] = {}
-        first_step = learner.step
+        with signals.installed():
+            group = make_group(cfg)
+            learner = CentralLearner(cfg, algorithm.init_params(cfg.run.seed), group)
+            if ckpt is not None:
+                learner.load_state_dict(ckpt.learner)
+                group.faults.load_state_dict(ckpt.faults)
+            write_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())
+            tracker.log_params({**cfg.flat(), "resources.shares": cfg.workers.share_count, **group.resources()})
+            tracker.log_artifact(cfg.run_dir / "config.yaml")
 
-        def save() -> None:
-            checkpoint.save(ckpt_path, step=learner.step, params=learner.params,
-                            optimizer=learner.optimizer.state_dict(), config=cfg,
-                            state={"faults": group.faults.count, "stragglers": group.faults.stragglers,
-                                   "skipped_steps": learner.skipped_steps,
-                                   "mlflow_run_id": tracker.run_id})
-            tracker.flush()  # what the checkpoint covers is recorded even if this process dies next
+            def save() -> None:
+                checkpoint.save(cfg.run_dir / checkpoint.FILENAME, cfg, learner=learner.state_dict(),
+                                faults=group.faults.state_dict(), tracker=tracker.state_dict())
+                tracker.flush()  # what the checkpoint covers is recorded even if this process dies next
 
-        started = time.perf_counter()
-        try:
-            while learner.step < cfg.outer.steps:
-                if stop is not None and stop():
-                    raise KeyboardInterrupt  # asked to stop from outside (the learner actor was cancelled)
-                metrics = learner.meta_step()
-                tracker.log_metrics(metrics, learner.step - 1)
-                for k, v in metrics.items():
-                    if k.startswith(HISTORY_PREFIXES):
-                        history.setdefault(k, []).append(v)
-                if learner.step % cfg.run.log_every == 0 or learner.step == cfg.outer.steps:
-                    _progress(out, learner.step, cfg.outer.steps, metrics, time.perf_counter() - started)
-                if learner.step % cfg.run.checkpoint_every == 0:
-                    save()
-        except KeyboardInterrupt:
+            first_step = learner.step
+            try:
+                with signals.graceful_section():
+                    history = _loop(cfg, learner, tracker, signals, save, out)
+            except Interrupted:
+                save()
+                print(f"interrupted: checkpoint at step {learner.step} in {cfg.run_dir / checkpoint.FILENAME}; "
+                      "continue with --resume", file=out)
+                raise
             save()
-            status = "KILLED"
-            print(f"interrupted: checkpoint at step {learner.step} in {ckpt_path}; continue with --resume",
-                  file=out)
-            raise
-        save()
-
-        results: Results = {}
-        test_curve = None
-        theta = learner.theta()
-        if evaluate:
-            results, curves = _evaluate_and_report(cfg, algorithm, group, theta, tracker, learner.step, run_dir, out)
-            test_curve = mean_ci(curves["test"]["loss"])
-        if cfg.tracking.plots and history:
-            tracker.log_figure(plots.learning_curves(history, first_step), "learning_curves")
-        if cfg.tracking.log_checkpoint:
-            tracker.log_artifact(ckpt_path, "checkpoint")
-        if cfg.tracking.log_model:
-            module, example = algorithm.export(learner.params, _eval_batch(cfg, 1))
-            tracker.log_model(module, example.numpy())
+            results, test_curve, theta = {}, None, learner.theta()
+            try:
+                if evaluate:
+                    results, curves = evaluate_and_report(cfg, algorithm, group, theta, tracker, learner.step,
+                                                          cfg.run_dir, out)
+                    test_curve = mean_ci(curves["test"]["loss"])
+                _log_artifacts(cfg, algorithm, learner, tracker, history, first_step)
+            except Interrupted:
+                print(f"interrupted after training: the checkpoint at step {learner.step} is complete; evaluate it "
+                      f"with `metaray eval {cfg.run_dir}`", file=out)
+                raise
         if group.faults.count:
             print(f"worker faults survived: {group.faults.count} (" + "; ".join(group.faults.events[-3:]) + ")",
                   file=out)
         status = "FINISHED"
         return TrainResult(learner.params, learner.step, group.faults.count, list(group.faults.events),
-                           learner.skipped_steps, results, run_dir, history, tracker.run_id, test_curve,
+                           learner.skipped_steps, results, cfg.run_dir, history, tracker.run_id, test_curve,
                            os.getpid())
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if group is not None:
             group.close()
         unsent = tracker.close(status)
         if unsent:
-            print(f"tracking: {unsent} metrics are waiting in {run_dir} for the store; --resume sends them",
+            print(f"tracking: {unsent} metrics are waiting in {cfg.run_dir} for the store; --resume sends them",
                   file=out)
 
 
-class _LearnerActor:
-    def train(self, config: dict, resume: bool, evaluate: bool, parent_run_id: str | None) -> TrainResult:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        cfg = parse_config(config)
-        cfg = cfg.model_copy(update={"workers": cfg.workers.model_copy(update={"learner": "driver"})})
-        import ray
+def _starting_point(cfg: Config, resume: bool, out) -> checkpoint.Checkpoint | None:
+    """The checkpoint to continue (checked against ``cfg``), or None for a new run; bad data fails here first."""
+    for split in ("train", "eval"):
+        build_tasks(cfg.task, split)  # bad data (missing store, too few images) fails here, before anything starts
+    path = cfg.run_dir / checkpoint.FILENAME
+    if not resume:
+        if path.exists():
+            raise checkpoint.CheckpointError(
+                f"{cfg.run_dir} already holds a checkpoint; pass --resume to continue it, or set another run.name")
+        return None
+    ckpt = checkpoint.load(path)
+    checkpoint.check_resumable(ckpt, cfg, build_algorithm(cfg).init_params(0))
+    print(f"resuming {cfg.run_dir} at step {ckpt.step}", file=out)
+    return ckpt
 
-        # ray.cancel on a running method of a regular actor only raises a flag: poll it once per meta-step.
-        return train(cfg, resume, evaluate, parent_run_id=parent_run_id,
-                     stop=lambda: ray.get_runtime_context().is_canceled())
+
+def _loop(cfg: Config, learner: CentralLearner, tracker, signals: StopSignals, save: Callable[[], None],
+          out) -> dict[str, list[float]]:
+    """Meta-steps up to ``outer.steps``: metrics to the tracker and the history, progress, checkpoints."""
+    history: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    while learner.step < cfg.outer.steps:
+        signals.check()
+        metrics = learner.meta_step()
+        tracker.log_metrics(metrics, learner.step - 1)
+        for k, v in metrics.items():
+            if k.startswith(HISTORY_PREFIXES):
+                history.setdefault(k, []).append(v)
+        if learner.step % cfg.run.log_every == 0 or learner.step == cfg.outer.steps:
+            _progress(out, learner.step, cfg.outer.steps, metrics, time.perf_counter() - started)
+        if learner.step % cfg.run.checkpoint_every == 0:
+            save()
+    return history
 
 
-def _train_in_actor(cfg: Config, resume: bool, evaluate: bool, parent_run_id: str | None) -> TrainResult:
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
-    started = connect(cfg)
-    w = cfg.workers
-    actor = ray.remote(_LearnerActor).options(num_cpus=w.learner_num_cpus, num_gpus=w.learner_num_gpus).remote()
-    ref = actor.train.remote(cfg.model_dump(mode="json"), resume, evaluate, parent_run_id)
-    try:
-        return ray.get(ref)
-    except KeyboardInterrupt:
-        ray.cancel(ref)  # the learner checkpoints at the end of its current step, closes its MLflow run, stops
-        try:
-            ray.get(ref, timeout=cfg.tracking.close_timeout_s + 60)
-        except Exception:  # noqa: BLE001 - it ends with the interruption we asked for
-            pass
-        raise
-    except RayTaskError as e:
-        raise e.as_instanceof_cause() from None  # e.g. a CheckpointError: the CLI reports it as a user error
-    except RayActorError as e:
-        raise RunFailed(f"the learner actor died ({type(e).__name__}); its last checkpoint is in {cfg.run_dir}: "
-                        "continue with --resume") from None
-    finally:
-        ray.kill(actor)
-        if started:
-            ray.shutdown()
+def _log_artifacts(cfg: Config, algorithm, learner: CentralLearner, tracker, history, first_step: int) -> None:
+    if cfg.tracking.plots and history:
+        tracker.log_figure(plots.learning_curves(history, first_step), "learning_curves")
+    if cfg.tracking.log_checkpoint:
+        tracker.log_artifact(cfg.run_dir / checkpoint.FILENAME, "checkpoint")
+    if cfg.tracking.log_model:
+        module, example = algorithm.export(learner.params, _eval_batch(cfg, 1))
+        tracker.log_model(module, example.numpy())
 
 
 def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.stdout) -> Results:
@@ -198,64 +188,17 @@ def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.std
         tracker.log_params({**cfg.flat(), "eval.checkpoint": str(ckpt.path), "eval.checkpoint_step": ckpt.step})
         group = make_group(cfg)
         theta = ParamSpec.of(ckpt.params).flatten(ckpt.params).numpy().astype(np.float32)
-        results, _ = _evaluate_and_report(cfg, algorithm, group, theta, tracker, ckpt.step, ckpt.path.parent, out,
-                                          name=f"eval-{tracker.run_id or time.strftime('%Y%m%d-%H%M%S')}.json")
+        results, _ = evaluate_and_report(cfg, algorithm, group, theta, tracker, ckpt.step, ckpt.path.parent, out,
+                                         name=f"eval-{tracker.run_id or time.strftime('%Y%m%d-%H%M%S')}.json")
         status = "FINISHED"
         return results
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if group is not None:
             group.close()
         tracker.close(status)
-
-
-def _evaluate_and_report(cfg: Config, algorithm: Algorithm, group: LocalGroup | WorkerGroup, theta: np.ndarray,
-                         tracker: MlflowTracker | NullTracker, step: int, out_dir: Path, out, name: str = "eval.json"):
-    results, curves = evaluate_all(cfg, group, theta)
-    print(table(algorithm.name, results), file=out)
-    # `metaray eval` writes a file of its own: the training run's eval.json is never overwritten.
-    checkpoint.write_atomic(out_dir / name, json.dumps(to_json(results), indent=2))
-    summary = {}
-    for ev, metrics in results.items():
-        for m, by_step in metrics.items():
-            for s, sc in by_step.items():
-                summary[f"eval/{ev}/{m}_step{s}"] = sc.mean
-                summary[f"eval/{ev}/{m}_step{s}_ci95"] = sc.ci95
-    tracker.log_metrics(summary, step)
-    # The whole curve, with the MLflow step = number of adaptation steps: MLflow's charts and compare
-    # view then plot loss vs adaptation steps across runs.
-    for ev, per_metric in curves.items():
-        for m, per_task in per_metric.items():
-            for k, value in enumerate(per_task.mean(0)):
-                tracker.log_metrics({f"eval/{ev}/{m}_curve": float(value)}, k)
-    if cfg.tracking.plots:
-        _log_plots(cfg, algorithm, theta, tracker, curves)
-    return results, curves
-
-
-def _log_plots(cfg: Config, algorithm: Algorithm, theta: np.ndarray, tracker, curves) -> None:
-    lines = {f"this run ({algorithm.name})": mean_ci(curves["test"]["loss"])}
-    for name, values in tracker.sibling_curves("eval/test/loss_curve").items():
-        lines.setdefault(name, (np.asarray(values), None))
-    tracker.log_figure(plots.adaptation_plot(lines, f"{cfg.task.family}: held-out query loss"), "loss_vs_steps")
-    if isinstance(cfg.task, SineTaskConfig):
-        params = ParamSpec.of(algorithm.init_params(0)).unflatten(torch.from_numpy(theta.copy()))
-        lr = cfg.eval.inner_lr or cfg.algorithm.inner_lr
-        steps = tuple(sorted(set(cfg.eval.steps)))
-        for name, task in [("test", cfg.task)] + [(p, cfg.probe_task(p)) for p in cfg.eval.probes]:
-            fig = plots.sine_fits(algorithm, params, build_tasks(task), cfg.eval.seed, steps, lr)
-            tracker.log_figure(fig, f"sine_fits_{name}")
-
-
-def _resources(cfg: Config, group: LocalGroup | WorkerGroup) -> dict[str, object]:
-    """What the run actually got: live workers, shares per step, and the Ray cluster's CPUs/GPUs."""
-    out: dict[str, object] = {"resources.workers": group.size, "resources.shares": cfg.workers.share_count}
-    if isinstance(group, WorkerGroup):
-        import ray
-
-        total = ray.cluster_resources()
-        out.update({"resources.cluster_cpus": total.get("CPU", 0), "resources.cluster_gpus": total.get("GPU", 0),
-                    "resources.nodes": sum(n["Alive"] for n in ray.nodes())})
-    return out
 
 
 def _eval_batch(cfg: Config, n: int):
@@ -271,7 +214,3 @@ def _progress(out, step: int, total: int, m: dict[str, float], elapsed: float) -
     parts.append(f"faults {int(m['orchestrator/faults'])}")
     parts.append(f"{elapsed:.0f}s")
     print(" | ".join(parts), file=out, flush=True)
-
-
-
-

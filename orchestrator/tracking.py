@@ -28,6 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 
 from orchestrator.config import Config
+from orchestrator.errors import one_line
 from orchestrator.metric_writer import MetricProcess
 
 log = logging.getLogger("metaray")
@@ -50,6 +51,9 @@ class NullTracker:
     """Tracking switched off (``tracking.enabled: false``)."""
 
     run_id: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": None}
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -82,7 +86,7 @@ class MlflowTracker:
                 self.client.update_run(run_id, status="RUNNING")
             self._recorded = self._last_steps(run_id)
         except Exception as e:  # noqa: BLE001 - whatever the store says, it is unusable: report it in one line
-            raise TrackingError(f"tracking store {self.uri!r} is not usable ({_short(e)}); start the server or fix "
+            raise TrackingError(f"tracking store {self.uri!r} is not usable ({one_line(e, 240)}); start the server or fix "
                                 "tracking.uri / MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db)") from None
         self.run_id = run_id
         spill = (run_dir or cfg.run_dir) / f"tracking-spill-{run_id}.jsonl"
@@ -102,6 +106,10 @@ class MlflowTracker:
         """Last recorded step per metric key (resume: those steps are not recorded twice)."""
         keys = self.client.get_run(run_id).data.metrics
         return {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this MLflow run."""
+        return {"run_id": self.run_id}
 
     def log_params(self, params: dict[str, Any]) -> None:
         existing = self._safe(lambda: self.client.get_run(self.run_id).data.params, {}) or {}
@@ -164,7 +172,7 @@ class MlflowTracker:
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - tracking never kills training
-            log.warning("tracking: %s failed (%s); training goes on", getattr(fn, "__name__", "call"), _short(e))
+            log.warning("tracking: %s failed (%s); training goes on", getattr(fn, "__name__", "call"), one_line(e, 240))
             return default
 
 
@@ -184,8 +192,11 @@ def _fluent_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
-def open_tracker(cfg: Config, **kwargs: Any) -> MlflowTracker | NullTracker:
-    return MlflowTracker(cfg, **kwargs) if cfg.tracking.enabled else NullTracker()
+def open_tracker(cfg: Config, state: dict[str, Any] | None = None, **kwargs: Any) -> MlflowTracker | NullTracker:
+    """The run's tracker; ``state`` (a tracker's ``state_dict()`` from a checkpoint) continues its MLflow run."""
+    if not cfg.tracking.enabled:
+        return NullTracker()
+    return MlflowTracker(cfg, run_id=(state or {}).get("run_id"), **kwargs)
 
 
 def _tags(cfg: Config, command: str, parent_run_id: str | None) -> dict[str, str]:
@@ -223,8 +234,4 @@ def _git_commit() -> str | None:
 def _param_value(v: Any) -> str:
     text = v if isinstance(v, str) else json.dumps(v)
     return text[:6000]  # MLflow's limit on a param value
-
-
-def _short(e: Exception) -> str:
-    return " ".join(str(e).split())[:240] or type(e).__name__
 

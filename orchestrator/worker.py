@@ -1,33 +1,70 @@
 """TaskWorker: samples its share of episodes locally and returns their summed meta-gradient.
 
-The same class runs as a Ray actor (``WorkerGroup``) and in-process
-(``LocalGroup``), so both modes run one code path. A worker is built from the
-run config alone; an actor restart re-runs the constructor and the worker
+The same class runs as a Ray actor (``actor_pool.RemoteWorker``) and in-process
+(``group.LocalGroup``), so both modes run one code path. A worker is built from
+the run config alone; an actor restart re-runs the constructor and the worker
 rebuilds itself, which is enough because episodes are seed-addressed and θ
 arrives with every call.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from learners.inner_loop import adaptation_curves
 from learners.params import ParamSpec
+from learners.registry import import_plugins
 from orchestrator.build import build_algorithm, build_tasks
-from orchestrator.config import Config, parse_config
-from orchestrator.messages import TaskResult
+from orchestrator.config import Config, ConfigError, parse_config
+from orchestrator.messages import EvalResult, TaskResult
 from tasks.episode import EpisodeIds, TaskSource
+
+DRILL_ENV = "METARAY_FAULT_DRILL"
+
+
+@dataclass(frozen=True)
+class FaultDrill:
+    """Make one worker fail on purpose, for tests and fire drills: at meta-step ``step`` the worker with index
+    ``worker`` exits (as a crashed or OOM-killed process would) or sleeps ``seconds`` (a straggler).
+
+    Set through the environment of the command, never the run config::
+
+        METARAY_FAULT_DRILL='{"worker": 1, "step": 2, "action": "exit"}' metaray train ...
+    """
+
+    worker: int
+    step: int
+    action: Literal["exit", "sleep"] = "exit"
+    seconds: float = 30.0
+
+    @staticmethod
+    def from_env() -> FaultDrill | None:
+        raw = os.environ.get(DRILL_ENV)
+        if not raw:
+            return None
+        try:
+            drill = FaultDrill(**json.loads(raw))
+            if drill.action not in ("exit", "sleep") or min(drill.worker, drill.step) < 0:
+                raise ValueError(drill)
+            return drill
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{DRILL_ENV}={raw!r}: expected JSON such as "
+                              '{"worker": 1, "step": 2, "action": "exit"} (action exit or sleep, with "seconds")'
+                              ) from e
 
 
 class TaskWorker:
-    def __init__(self, config: dict[str, Any], index: int, restarted: bool = False, store_path: str | None = None):
+    def __init__(self, config: dict[str, Any], index: int, restarted: bool = False, store_path: str | None = None,
+                 plugins: list[tuple[str, str]] = (), drill: FaultDrill | None = None):
+        import_plugins(list(plugins))  # algorithms registered outside `learners` (the config names them)
         self.cfg: Config = parse_config(config)
         if store_path is not None:  # this node reads the image store from a local copy
             self.cfg = self.cfg.model_copy(update={"task": self.cfg.task.model_copy(update={"store": store_path})})
@@ -37,14 +74,18 @@ class TaskWorker:
         self.algorithm = build_algorithm(self.cfg)
         self.spec = ParamSpec.of(self.algorithm.init_params(0))
         self._sources: dict[tuple[str, str | None], TaskSource] = {}
-        self._restarted = restarted
+        # A restarted actor re-runs this constructor; a drill fires only in the first incarnation.
+        self._drill = None if restarted or drill is None or drill.worker != index else drill
 
     def ready(self) -> str:
         return self.incarnation
 
     def meta_gradient(self, theta: np.ndarray, ids: EpisodeIds) -> TaskResult:
         """Summed meta-gradient and statistics of the episodes ``ids`` at the flat parameters ``theta``."""
-        self._maybe_fail(ids)
+        if self._drill is not None and self._drill.step == ids.step:
+            if self._drill.action == "exit":
+                os._exit(1)  # the process dies mid-step
+            time.sleep(self._drill.seconds)  # a straggler: slow, but its result is still correct
         start = time.perf_counter()
         params = self._params(theta)
         summed = self.algorithm.meta_gradient(params, self._source("train").sample(ids).to(self.device))
@@ -53,15 +94,15 @@ class TaskWorker:
                           self.index, self.incarnation)
 
     def meta_gradient_parts(self, theta: np.ndarray, ids: EpisodeIds) -> tuple[TaskResult, np.ndarray]:
-        """``meta_gradient`` as (header, gradient), so the gradient can stay on this node for a reducer."""
+        """``meta_gradient`` as (header without gradient, gradient), so the gradient can stay on this node."""
         result = self.meta_gradient(theta, ids)
         return replace(result, grad=np.empty(0, dtype=np.float32)), result.grad
 
-    def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None) -> dict[str, np.ndarray]:
+    def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None) -> EvalResult:
         """Per-episode query loss (and metrics) after 0..``steps`` adaptation steps: ``[len(ids), steps + 1]``."""
         batch = self._source("eval", probe).sample(ids).to(self.device)
         out = adaptation_curves(self.algorithm, self._params(theta), batch, steps, lr)
-        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+        return EvalResult({k: v.detach().cpu().numpy() for k, v in out.items()}, self.incarnation)
 
     def _params(self, theta: np.ndarray) -> dict[str, torch.Tensor]:
         # Arrays from Ray's object store are read-only views; torch needs its own writable copy.
@@ -73,14 +114,6 @@ class TaskWorker:
             task = self.cfg.task if probe is None else self.cfg.probe_task(probe)
             self._sources[key] = build_tasks(task, split)
         return self._sources[key]
-
-    def _maybe_fail(self, ids: EpisodeIds) -> None:
-        fault = self.cfg.workers.fault_injection
-        if fault is None or self._restarted or fault.worker != self.index or fault.step != ids.step:
-            return
-        if fault.action == "exit":
-            os._exit(1)  # the process dies mid-step, as a crashed or OOM-killed worker would
-        time.sleep(fault.seconds)  # a straggler: slow, but its result is still correct
 
 
 def _device(cfg: Config) -> torch.device:

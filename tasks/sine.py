@@ -7,8 +7,8 @@ Setting ``support_x_range=(0, 5)`` gives the robustness probe of the MAML paper:
 the model sees only half of the period at adaptation time and is scored on the
 whole of it.
 
-``points_per_task`` is the size of one task's dataset (torchmeta's
-``num_samples_per_task``); support and query together must fit in it.
+Support and query points are independent uniform draws (the same distribution as
+disjoint draws from an unbounded pool), so any K and Q fit.
 
 >>> src = SineTasks(k_shot=5, query=7)
 >>> b = src.sample(EpisodeIds(seed=0, step=0, indices=(0, 1, 2)))
@@ -35,16 +35,10 @@ class SineTasks:
     phase: tuple[float, float] = (0.0, math.pi)
     x_range: tuple[float, float] = (-5.0, 5.0)
     support_x_range: tuple[float, float] | None = None
-    points_per_task: int = 50
 
     def __post_init__(self) -> None:
         if self.k_shot < 1 or self.query < 1:
             raise ValueError(f"k_shot and query must be >= 1, got k_shot={self.k_shot} query={self.query}")
-        if self.k_shot + self.query > self.points_per_task:
-            raise ValueError(
-                f"k_shot + query = {self.k_shot + self.query} points exceed the {self.points_per_task} "
-                "points a task has (points_per_task); lower k_shot/query or raise points_per_task"
-            )
         for name in ("amplitude", "phase", "x_range", "support_x_range"):
             lo_hi = getattr(self, name)
             if lo_hi is not None and not lo_hi[0] <= lo_hi[1]:

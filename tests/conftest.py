@@ -64,6 +64,24 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
+@pytest.fixture
+def drill(monkeypatch):
+    """``drill(worker=1, step=2, action="exit")`` makes that Ray worker fail on purpose (METARAY_FAULT_DRILL)."""
+    import json
+
+    from orchestrator.worker import DRILL_ENV
+
+    def set_drill(**spec):
+        monkeypatch.setenv(DRILL_ENV, json.dumps(spec))
+
+    return set_drill
+
+
+def flat(params) -> torch.Tensor:
+    """A parameter dict as one vector, in its own order."""
+    return torch.cat([v.reshape(-1) for v in params.values()])
+
+
 def tiny_config(tmp_path, **sections) -> Config:
     """A small, fast sine config rooted in tmp_path; ``sections`` override top-level sections."""
     data = {

@@ -14,13 +14,9 @@ from orchestrator.group import LocalGroup, WorkerGroup
 from orchestrator.learner import CentralLearner
 from orchestrator.run import train
 
-from conftest import tiny_config
+from conftest import flat, tiny_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-
-
-def flat(params):
-    return torch.cat([v.reshape(-1) for v in params.values()])
 
 
 def run_steps(cfg, group, steps, between=None):
@@ -55,10 +51,10 @@ def test_ray_two_workers_equal_in_process_and_are_bit_reproducible(cfg_ray, tmp_
     assert torch.equal(runs[0], runs[1])  # same seed, same worker count: bit-identical
 
 
-def test_worker_process_exiting_mid_step_changes_nothing(cfg_ray, tmp_path):
+def test_worker_process_exiting_mid_step_changes_nothing(cfg_ray, tmp_path, drill):
     clean = train(tiny_config(tmp_path / "clean", workers={"mode": "ray", "num_workers": 2}), evaluate=False)
-    faulty_cfg = tiny_config(tmp_path / "faulty", workers={"mode": "ray", "num_workers": 2,
-                                                           "fault_injection": {"worker": 1, "step": 2}})
+    faulty_cfg = tiny_config(tmp_path / "faulty", workers={"mode": "ray", "num_workers": 2})
+    drill(worker=1, step=2, action="exit")
     faulty = train(faulty_cfg, evaluate=False)
     assert clean.faults == 0
     assert faulty.faults >= 1 and any("worker 1 died" in e for e in faulty.fault_events)
@@ -66,7 +62,7 @@ def test_worker_process_exiting_mid_step_changes_nothing(cfg_ray, tmp_path):
     # The count survives in the checkpoint (the run's output).
     from orchestrator import checkpoint
 
-    assert checkpoint.load(faulty_cfg.run_dir).state["faults"] >= 1
+    assert checkpoint.load(faulty_cfg.run_dir).faults["count"] >= 1
 
 
 def test_ray_kill_between_steps_is_detected_and_changes_nothing(cfg_ray):
@@ -74,7 +70,7 @@ def test_ray_kill_between_steps_is_detected_and_changes_nothing(cfg_ray):
     try:
         def kill(step, g):
             if step == 2:
-                ray.kill(g.actors[0], no_restart=False)  # restarts (max_restarts=-1) and rebuilds from config
+                ray.kill(g.pool.slots[0].actor, no_restart=False)  # restarts (max_restarts=-1) and rebuilds from config
 
         killed = run_steps(cfg_ray, group, 5, kill)
         faults = group.faults.count
@@ -96,7 +92,7 @@ def test_worker_errors_are_reraised_as_themselves(cfg_ray):
         from tasks.episode import EpisodeIds
 
         with pytest.raises(ValueError, match="flat vector has 3 values"):
-            group.map("meta_gradient", theta, [EpisodeIds(0, 0, (0, 1))])
+            group.meta_gradient(theta, [EpisodeIds(0, 0, (0, 1))])
     finally:
         group.close()
 
@@ -128,11 +124,10 @@ def test_diverging_inner_loops_never_reach_theta(tmp_path):
         assert torch.equal(flat(result.params), flat(init))
 
 
-def test_straggler_is_overtaken_after_the_deadline_and_changes_nothing(tmp_path):
+def test_straggler_is_overtaken_after_the_deadline_and_changes_nothing(tmp_path, drill):
     clean = train(tiny_config(tmp_path / "clean", workers={"mode": "ray", "num_workers": 2}), evaluate=False)
-    slow_cfg = tiny_config(tmp_path / "slow", workers={
-        "mode": "ray", "num_workers": 2, "straggler_deadline_s": 0.5,
-        "fault_injection": {"worker": 1, "step": 2, "action": "sleep", "seconds": 60}})
+    slow_cfg = tiny_config(tmp_path / "slow", workers={"mode": "ray", "num_workers": 2, "straggler_deadline_s": 0.5})
+    drill(worker=1, step=2, action="sleep", seconds=60)
     started = time.monotonic()
     slow = train(slow_cfg, evaluate=False)
     elapsed = time.monotonic() - started

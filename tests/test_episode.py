@@ -62,11 +62,6 @@ def test_robustness_probe_draws_support_from_its_own_range():
     assert float(b.query_x.min()) < -1.0  # queries still cover the whole period
 
 
-def test_k_larger_than_points_available_is_rejected():
-    with pytest.raises(ValueError, match="points_per_task"):
-        SineTasks(k_shot=45, query=10, points_per_task=50)
-
-
 def test_batch_rejects_mismatched_task_axes():
     with pytest.raises(ValueError, match="number of tasks"):
         EpisodeBatch(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(3, 1), torch.zeros(3, 1))

@@ -16,7 +16,7 @@ from orchestrator.build import build_algorithm
 from orchestrator.group import LocalGroup, WorkerGroup
 from orchestrator.learner import CentralLearner
 
-from conftest import tiny_config
+from conftest import flat, tiny_config
 
 pytestmark = pytest.mark.cluster
 
@@ -35,10 +35,6 @@ def cluster():
     yield c, nodes
     ray.shutdown()
     c.shutdown()
-
-
-def flat(params):
-    return torch.cat([v.reshape(-1) for v in params.values()])
 
 
 def reference(tmp_path, steps, shares):
@@ -66,15 +62,14 @@ def test_workers_land_on_both_worker_nodes_and_match_in_process(cluster, tmp_pat
     assert float((flat(learner.params) - ref).norm() / ref.norm()) <= 1e-6
 
 
-def test_losing_a_worker_node_mid_step_changes_nothing(cluster, tmp_path):
+def test_losing_a_worker_node_mid_step_changes_nothing(cluster, tmp_path, drill):
     c, nodes = cluster
     # Worker 1 is held up in step 2 while its node dies under it.
-    cfg = tiny_config(tmp_path, workers={"mode": "ray", "num_workers": 2, "address": c.address,
-                                         "fault_injection": {"worker": 1, "step": 2, "action": "sleep",
-                                                             "seconds": 30}})
+    cfg = tiny_config(tmp_path, workers={"mode": "ray", "num_workers": 2, "address": c.address})
+    drill(worker=1, step=2, action="sleep", seconds=30)
     group = WorkerGroup(cfg)
     try:
-        victim = nodes[[n.node_id for n in nodes].index(ray.get(group.actors[1].node_id.remote()))]
+        victim = nodes[[n.node_id for n in nodes].index(ray.get(group.pool.slots[1].actor.node_id.remote()))]
         learner = CentralLearner(cfg, build_algorithm(cfg).init_params(0), group)
         for _ in range(2):
             learner.meta_step()
@@ -143,7 +138,7 @@ def test_image_store_missing_on_the_nodes_is_shipped_once_per_node(tmp_path, mon
                           workers={"mode": "ray", "num_workers": 2, "address": c.address})
         group = WorkerGroup(cfg)
         try:
-            paths = ray.get([a.store_path.remote() for a in group.actors])
+            paths = ray.get([s.actor.store_path.remote() for s in group.pool.slots])
             learner = CentralLearner(cfg, build_algorithm(cfg).init_params(0), group)
             learner.meta_step()
         finally:

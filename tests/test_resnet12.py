@@ -1,4 +1,4 @@
-"""ResNet-12 backbone: shapes, deterministic init, functional use (functional_call, vmap), DropBlock."""
+"""ResNet-12 backbone: shapes, deterministic init, functional use (functional_call, vmap)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from learners.params import init_params, materialize
-from learners.resnet12 import DropBlock, ResNet12
+from learners.resnet12 import ResNet12
 from learners.svm_head import svm_logits
 
 SMALL = (8, 12, 16, 20)  # narrow widths keep the functional tests fast on CPU
@@ -67,18 +67,6 @@ def test_meta_gradient_through_svm_head_is_finite():
     logits, ok = svm_logits(vmap(embed)(sx), sy, vmap(embed)(qx), 5)
     grads = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), qy.flatten()), list(params.values()))
     assert ok.all() and all(gr.isfinite().all() for gr in grads) and grads[0].abs().sum() > 0
-
-
-def test_dropblock_is_seeded_and_off_outside_training():
-    x = torch.ones(8, 16, 10, 10)
-    drop = DropBlock(0.2, 3, seed=0)
-    first, again = drop(x), DropBlock(0.2, 3, seed=0)(x)
-    assert torch.equal(first, again)
-    assert abs(float((first == 0).float().mean()) - 0.2) < 0.05
-    assert torch.equal(drop.eval()(x), x) and torch.equal(DropBlock(0.0, 3, seed=0)(x), x)
-    net = ResNet12(in_channels=1, channels=SMALL)  # default: no DropBlock, so train mode is deterministic
-    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(net(x), net(x))
 
 
 def test_bad_input_is_named():

@@ -9,7 +9,7 @@ from torch.func import functional_call, grad, vmap
 
 from learners.mlp import MLP
 from learners.params import init_params
-from learners.qp import _active_set_method, kkt_residuals, solve_qp
+from learners.qp import active_set_steps, kkt_residuals, solve_qp
 from learners.svm_cvxpy import svm_dual_cvxpy_gram, svm_logits_cvxpy
 from learners.svm_head import one_hot, support_gram, svm_dual, svm_logits
 
@@ -93,7 +93,7 @@ def test_both_methods_match_cvxpylayers_on_the_dual(method, n_way, k_shot, dim):
     assert res.ok.all() and res.polished.all()
     if method == "active_set":  # the active-set steps finished every task: the interior point did not run
         scale = P.diagonal(dim1=1, dim2=2).mean(1).view(-1, 1, 1)
-        *_, done, _, _ = _active_set_method(P / scale, -Y / scale, 0.1 * Y, torch.zeros_like(Y[..., 0]),
+        *_, done, _, _ = active_set_steps(P / scale, -Y / scale, 0.1 * Y, torch.zeros_like(Y[..., 0]),
                                             TIGHT["max_iter"], TIGHT["tol"])
         assert done.all()
     assert rel(fast[0], ref[0]) < 1e-4 and rel(fast[1], ref[1]) < 1e-4, (rel(fast[0], ref[0]), rel(fast[1], ref[1]))
@@ -110,7 +110,7 @@ def test_active_set_steps_alone_solve_svm_duals(n_way, k_shot, dim, steps):
     support, labels, _ = episode(16, n_way, k_shot, 1, dim, 40 + dim + n_way + k_shot)
     P = support_gram(support.relu(), 1.0)
     Y = one_hot(labels, n_way, torch.float64)
-    *_, err, done, _, iters = _active_set_method(P, -Y, 0.1 * Y, torch.zeros_like(Y[..., 0]), steps, 1e-10)
+    *_, err, done, _, iters = active_set_steps(P, -Y, 0.1 * Y, torch.zeros_like(Y[..., 0]), steps, 1e-10)
     assert done.all() and (err <= 1e-10).all(), iters
     assert bool((iters > 1).any()) == (dim < 1600)
 

@@ -151,8 +151,8 @@ def test_resume_after_a_crash_does_not_record_steps_twice(tmp_path, mlflow_store
     first = train(cfg, evaluate=False)
     ck = checkpoint.load(cfg.run_dir)
     at_four = train(tracked(tmp_path / "ref", mlflow_store, outer={"steps": 4}, run={"name": "ref"}), evaluate=False)
-    checkpoint.save(ck.path, step=4, params=at_four.params, optimizer=checkpoint.load(at_four.run_dir).optimizer,
-                    config=ck.config, state={**ck.state})
+    checkpoint.save(ck.path, ck.config, learner=checkpoint.load(at_four.run_dir).learner, faults=ck.faults,
+                    tracker=ck.tracker)
     train(tracked(tmp_path, mlflow_store, outer={"steps": 8}, run={"name": "crashed", "checkpoint_every": 4}),
           resume=True, evaluate=False)
     client = MlflowClient(mlflow_store)
