@@ -153,14 +153,14 @@ class NodeReducer:
 
 
 def _call(method: Any, *args: Any):
-    from orchestrator.scheduler import Submitted
+    from orchestrator.actor_pool import Submitted
 
     return Submitted(method.remote(*args))
 
 
 def _split(actor: Any, theta_ref: Any, share: EpisodeIds):
     """meta_gradient_parts: wait for the header; the gradient's ref stays where it was computed."""
-    from orchestrator.scheduler import Submitted
+    from orchestrator.actor_pool import Submitted
 
     header, grad = actor.meta_gradient_parts.options(num_returns=2).remote(theta_ref, share)
     return Submitted(header, grad)
