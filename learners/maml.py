@@ -14,19 +14,19 @@ detached (first order: the query gradient at the adapted point).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from pydantic import NonNegativeInt
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call
 
 from learners.inner_loop import sgd
 from learners.objective import Objective, query_stats
 from learners.params import Params, init_params, materialize
 from learners.registry import AlgorithmConfig, Parts, register
-from learners.strategy import Strategy, Summed, sum_over_tasks
+from learners.strategy import LossFn, Strategy, Summed, compiled_losses, gradient_of, sum_of_losses, sum_over_tasks
 from tasks.episode import EpisodeBatch
 
 
@@ -40,6 +40,8 @@ class MAML:
     inner_keys: tuple[str, ...] | None = None  # None: every parameter (MAML); the head: ANIL
     strategy: Strategy = "vmap"
     name: str = "maml"
+    compile: bool = False  # torch.compile the per-task loss (batched with vmap): pays over long runs only
+    _compiled: dict[str, LossFn] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def init_params(self, seed: int) -> Params:
         return init_params(self.model, seed)
@@ -60,19 +62,22 @@ class MAML:
         return sgd(self.predict, self.objective, params, self.tunable(params), support_x, support_y,
                    self.inner_steps, self.inner_lr, self.first_order)
 
-    def task_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
-        def query_loss(p: Params):
-            fast = self.adapt(p, sx, sy)
-            pred = self.predict(fast, qx)
-            return self.objective.loss(pred, qy), pred
-
-        grads, pred_after = grad(query_loss, has_aux=True)(params)
+    def task_loss(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
+        """One task's query loss after the inner loop (differentiable in ``params``) and its detached statistics."""
+        pred_after = self.predict(self.adapt(params, sx, sy), qx)
         with torch.no_grad():
             pred_before = self.predict(params, qx)
-        return grads, query_stats(self.objective, pred_before, pred_after, qy)
+        return self.objective.loss(pred_after, qy), query_stats(self.objective, pred_before, pred_after, qy)
+
+    def task_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
+        return gradient_of(self.task_loss)(params, sx, sy, qx, qy)
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
-        return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
+        if type(self).task_gradient is not MAML.task_gradient:  # not the gradient of task_loss (Reptile: θ − φ)
+            return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
+        if self.compile and self.strategy not in self._compiled:
+            self._compiled[self.strategy] = compiled_losses(self.task_loss, self.strategy)
+        return sum_of_losses(self.task_loss, params, batch, self.strategy, self._compiled.get(self.strategy))
 
 
 @register

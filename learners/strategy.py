@@ -1,28 +1,41 @@
 """How per-task work is spread over a batch of episodes: ``vmap`` over the task axis, or a Python loop.
 
-Which one is faster depends on the model, so it is a measured choice
-(``benchmarks/throughput.py``): on this project's 2-core CPU, vmap was ~10x
-faster than a loop for the sine MLP, while a loop was 1.5-2x faster than vmap
-for Conv-4 (ProtoNet, FOMAML, ANIL and MAML alike). Both give the same sums up
-to float rounding (tested).
+Which one is faster depends on the model and the device, so it is a measured choice
+(``benchmarks/throughput.py``, ``benchmarks/gpu_check.py``): on this project's 2-core CPU, vmap was
+~10x faster than a loop for the sine MLP, while a loop was 1.5-2x faster than vmap for Conv-4
+(ProtoNet, FOMAML, ANIL and MAML alike). Both give the same sums up to float rounding (tested).
 
-Tasks whose gradient or statistics are not finite (a diverging inner loop) are
-dropped from the sums and counted, so they never reach the meta-parameters.
+Two ways to sum over tasks:
+
+- ``sum_over_tasks(task_fn, ...)``: ``task_fn`` returns each task's gradient (any algorithm, e.g.
+  Reptile's θ − φ).
+- ``sum_of_losses(loss_fn, ...)``: for algorithms whose task gradient is the gradient of a per-task
+  loss. With vmap the per-task losses are computed batched and differentiated with ONE backward of
+  their sum (cheaper than a gradient per task); with a loop, one task's graph at a time.
+
+Tasks whose gradient or statistics are not finite (a diverging inner loop) are dropped from the sums
+and counted, so they never reach the meta-parameters. ``sum_of_losses`` checks the per-task losses,
+the statistics and the summed gradient at once; only when something is not finite does it recompute
+per-task gradients to find the offenders. Either way the host waits for the device once per call
+(one transfer of the sums and flags), never once per task.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
-from torch.func import vmap
+from torch.func import grad, vmap
 
 from learners.params import Params
 from tasks.episode import EpisodeBatch
 
 Strategy = Literal["vmap", "loop"]
 TaskFn = Callable[..., tuple[Params, dict[str, torch.Tensor]]]
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+TASK_AXES = (None, 0, 0, 0, 0)  # params shared, episode tensors batched
 
 
 @dataclass
@@ -44,44 +57,111 @@ def _finite(tree: dict[str, torch.Tensor], batched: bool) -> torch.Tensor:
 
 
 def kept_stats(stats: dict[str, torch.Tensor], ok: torch.Tensor) -> dict[str, float]:
-    """Sums over the kept tasks (``ok`` [T]) of per-task statistics ``{name: [T]}``."""
-    if bool(ok.all()):
-        return {k: float(v.sum()) for k, v in stats.items()}
-    return {k: float(torch.where(ok, v, 0).sum()) for k, v in stats.items()}
+    """Sums over the kept tasks (``ok`` [T]) of per-task statistics ``{name: [T]}``, in one transfer."""
+    if not stats:
+        return {}
+    sums = torch.stack([torch.where(ok, v, 0).sum() for v in stats.values()])
+    return dict(zip(stats, sums.tolist()))
+
+
+def _episode_tensors(batch: EpisodeBatch) -> tuple[torch.Tensor, ...]:
+    return batch.support_x, batch.support_y, batch.query_x, batch.query_y
 
 
 def sum_over_tasks(task_fn: TaskFn, params: Params, batch: EpisodeBatch, strategy: Strategy) -> Summed:
     """Apply ``task_fn(params, sx, sy, qx, qy) -> (grads, stats)`` to every task and sum the finite ones."""
-    tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    tensors = _episode_tensors(batch)
     if strategy == "vmap":
-        grads, stats = vmap(task_fn, in_dims=(None, 0, 0, 0, 0))(params, *tensors)
+        grads, stats = vmap(task_fn, in_dims=TASK_AXES)(params, *tensors)
         ok = _finite(grads, True) & _finite(stats, True)
-        kept = int(ok.sum())
-        if kept == len(batch):
-            summed = {k: v.sum(0) for k, v in grads.items()}
-        else:
-            summed = {k: torch.where(ok.view(-1, *[1] * (v.dim() - 1)), v, 0).sum(0) for k, v in grads.items()}
-        return Summed(summed, kept_stats(stats, ok), kept, len(batch) - kept, ok.tolist())
+        return _masked_sums(grads, stats, ok)
     if strategy == "loop":
+        # Tensors only, no host synchronization per task: a task's terms are masked on the device.
         acc = {k: torch.zeros_like(v) for k, v in params.items()}
-        totals: dict[str, float] = {}
-        flags: list[bool] = []
+        rows: list[dict[str, torch.Tensor]] = []
+        flags: list[torch.Tensor] = []
         for i in range(len(batch)):
             g, s = task_fn(params, *(t[i] for t in tensors))
-            ok = bool(_finite(g, False) & _finite(s, False))
+            ok = _finite(g, False) & _finite(s, False)
+            acc = {k: acc[k] + torch.where(ok, g[k], 0) for k in acc}
+            rows.append(s)
             flags.append(ok)
-            if ok:
-                acc = {k: acc[k] + g[k] for k in acc}
-                for k, v in s.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-        return Summed(acc, totals, sum(flags), len(flags) - sum(flags), flags)
+        ok = torch.stack(flags)
+        stats = {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows else {}
+        return _summed(acc, stats, ok)
     raise ValueError(f"unknown strategy {strategy!r}; use 'vmap' or 'loop'")
+
+
+def _masked_sums(grads: Params, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> Summed:
+    """Sums over the task axis of batched ``grads`` and ``stats``, the tasks where ``ok`` is False left out."""
+    summed = {k: torch.where(ok.view(-1, *[1] * (v.dim() - 1)), v, 0).sum(0) for k, v in grads.items()}
+    return _summed(summed, stats, ok)
+
+
+def _summed(grads: Params, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> Summed:
+    flags = ok.tolist()  # the host waits here, once
+    kept = sum(flags)
+    return Summed(grads, kept_stats(stats, ok), kept, len(flags) - kept, flags)
+
+
+def compiled_losses(loss_fn: LossFn, strategy: Strategy) -> LossFn:
+    """``torch.compile`` of what ``sum_of_losses`` calls per batch (vmap: ``vmap(loss_fn)``) or per task (loop).
+
+    The first call compiles (seconds to minutes on a CPU; ``benchmarks/throughput.py`` reports it), and so
+    does the first call with a new number of tasks; keep the result and pass it to every call.
+    """
+    return torch.compile(vmap(loss_fn, in_dims=TASK_AXES) if strategy == "vmap" else loss_fn)
+
+
+def sum_of_losses(loss_fn: LossFn, params: Params, batch: EpisodeBatch, strategy: Strategy,
+                  compiled: LossFn | None = None) -> Summed:
+    """Sum over tasks of the gradient of ``loss_fn(params, sx, sy, qx, qy) -> (loss, stats)`` and of its stats.
+
+    vmap: one backward of the summed per-task losses. loop: one task at a time, its gradient added on the
+    device. ``compiled`` (from ``compiled_losses``) stands in for the eager functions. If any loss, statistic
+    or the summed gradient is not finite, the per-task gradients are recomputed eagerly (``sum_over_tasks``)
+    to drop the offenders.
+    """
+    tensors = _episode_tensors(batch)
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    with torch.enable_grad():
+        if strategy == "vmap":
+            losses, stats = (compiled or vmap(loss_fn, in_dims=TASK_AXES))(leaves, *tensors)
+            grads = _grad(losses.sum(), leaves)
+        elif strategy == "loop":
+            grads = {k: torch.zeros_like(v) for k, v in params.items()}
+            per_task = []
+            for i in range(len(batch)):
+                loss, s = (compiled or loss_fn)(leaves, *(t[i] for t in tensors))
+                grads = {k: grads[k] + g for k, g in _grad(loss, leaves).items()}
+                per_task.append((loss.detach(), s))
+            losses = torch.stack([loss for loss, _ in per_task])
+            stats = {k: torch.stack([s[k] for _, s in per_task]) for k in per_task[0][1]}
+        else:
+            raise ValueError(f"unknown strategy {strategy!r}; use 'vmap' or 'loop'")
+    # One transfer: the losses' sum, each gradient's sum and each statistic's sum (finite iff every term is).
+    sums = torch.stack([losses.detach().sum(), *(g.sum() for g in grads.values()),
+                        *(v.sum() for v in stats.values())]).tolist()
+    if all(map(math.isfinite, sums)):
+        n = len(batch)
+        return Summed(grads, dict(zip(stats, sums[1 + len(grads):])), n, 0, [True] * n)
+    return sum_over_tasks(gradient_of(loss_fn), params, batch, strategy)
+
+
+def gradient_of(loss_fn: LossFn) -> TaskFn:
+    """The per-task gradient function of a per-task loss function (for ``sum_over_tasks``)."""
+    return grad(loss_fn, has_aux=True)
+
+
+def _grad(loss: torch.Tensor, leaves: Params) -> Params:
+    values = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), values)}
 
 
 def map_over_tasks(fn: Callable[..., dict[str, torch.Tensor]], params: Params, batch: EpisodeBatch, strategy: Strategy) -> dict[str, torch.Tensor]:
     """Per-task outputs of ``fn(params, sx, sy, qx, qy)`` stacked along a leading task axis (for evaluation)."""
-    tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    tensors = _episode_tensors(batch)
     if strategy == "vmap":
-        return vmap(fn, in_dims=(None, 0, 0, 0, 0))(params, *tensors)
+        return vmap(fn, in_dims=TASK_AXES)(params, *tensors)
     rows = [fn(params, *(t[i] for t in tensors)) for i in range(len(batch))]
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}

@@ -29,10 +29,11 @@ from tasks.episode import EpisodeIds
 
 
 def make_optimizer(outer: OuterConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    # fused: one kernel per tensor for the whole update (CPU and CUDA); the learner's θ is one flat tensor.
     if outer.optimizer == "adam":
-        return torch.optim.Adam(params, lr=outer.lr, weight_decay=outer.weight_decay)
+        return torch.optim.Adam(params, lr=outer.lr, weight_decay=outer.weight_decay, fused=True)
     return torch.optim.SGD(params, lr=outer.lr, momentum=outer.momentum, nesterov=outer.nesterov,
-                           weight_decay=outer.weight_decay)
+                           weight_decay=outer.weight_decay, fused=True)
 
 
 class CentralLearner:
@@ -40,34 +41,72 @@ class CentralLearner:
         self.cfg = cfg
         self.group = group
         self.spec = ParamSpec.of(params)
-        self.params = {k: v.detach().clone().to(torch.float32) for k, v in params.items()}
-        self.optimizer = make_optimizer(cfg.outer, list(self.params.values()))
+        # θ is one flat float32 tensor (what workers receive); ``params`` are named views of it. The optimizer
+        # steps the flat tensor: its updates are elementwise, so this is the per-tensor update in one kernel.
+        self.flat = self.spec.flatten({k: v.detach().to(torch.float32) for k, v in params.items()}).clone()
+        self.params = self.spec.unflatten(self.flat)
+        self.optimizer = make_optimizer(cfg.outer, [self.flat])
+        self._backup: list[torch.Tensor] = []  # θ and the optimizer's state before the step being applied
+        self._shares = [s.indices for s in EpisodeIds(0, 0, tuple(range(cfg.outer.meta_batch_size)))
+                        .split(cfg.workers.share_count)]
         self.step = 0
         self.skipped_steps = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """A snapshot (copies, unlike torch's optimizer.state_dict(), whose tensors later steps change in place)."""
+        """A snapshot (copies, unlike torch's optimizer.state_dict(), whose tensors later steps change in place).
+
+        The optimizer's state is given per named parameter, in torch's layout for an optimizer over
+        ``params`` (as checkpoints have always held it), not as the flat tensor it is kept in.
+        """
         return {"params": {k: v.detach().clone() for k, v in self.params.items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "step": self.step,
+                "optimizer": self._per_parameter(self.optimizer.state_dict()), "step": self.step,
                 "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
             for k, v in self.params.items():
                 v.copy_(state["params"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self._flat_state(state["optimizer"]))
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+
+    def _per_parameter(self, flat: dict[str, Any]) -> dict[str, Any]:
+        """torch's state_dict layout for an optimizer over the named parameters, from the flat optimizer's."""
+        state = flat["state"].get(0, {})
+        per_param = {}
+        for i, view in enumerate(self.params.values()):
+            start, n = view.storage_offset(), view.numel()
+            per_param[i] = {k: v[start:start + n].view(view.shape).clone() if _elementwise(v, self.flat)
+                            else copy.deepcopy(v) for k, v in state.items()}
+        groups = [{**g, "params": list(range(len(self.params)))} for g in flat["param_groups"]]
+        return {"state": per_param if state else {}, "param_groups": copy.deepcopy(groups)}
+
+    def _flat_state(self, per_param: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of ``_per_parameter``: the flat optimizer's state_dict."""
+        states = [per_param["state"].get(i) for i in range(len(self.params))]
+        if any(s is None for s in states) and any(s is not None for s in states):
+            raise ValueError("optimizer state is missing for some parameters but not others")
+        flat: dict[str, Any] = {}
+        if states and states[0] is not None:
+            views = list(self.params.values())
+            for k, v in states[0].items():
+                flat[k] = (torch.cat([s[k].reshape(-1) for s in states])
+                           if all(_elementwise(s[k], p) for s, p in zip(states, views)) else v)
+        own = self.optimizer.param_groups[0]
+        # Hyperparameters come from the checkpoint; how the update is computed (fused) is this learner's.
+        group = {**per_param["param_groups"][0], "params": [0], **{k: own[k] for k in ("fused", "foreach")}}
+        return {"state": {0: flat} if flat else {}, "param_groups": [group]}
 
     def theta(self) -> np.ndarray:
         """θ as the flat float32 vector workers receive."""
-        return self.spec.flatten(self.params).numpy().astype(np.float32, copy=True)
+        return self.flat.numpy().copy()
 
     def meta_step(self) -> dict[str, float]:
         """Run meta-step ``self.step`` and return its metrics (namespaced for tracking)."""
         self.group.maintain()  # step boundary: restarted, lost and newly joined workers
         start = time.perf_counter()
-        ids = EpisodeIds(self.cfg.run.seed, self.step, tuple(range(self.cfg.outer.meta_batch_size)))
-        agg = self.group.meta_gradient(self.theta(), ids.split(self.cfg.workers.share_count))
+        seed = self.cfg.run.seed
+        shares = [EpisodeIds(seed, self.step, indices) for indices in self._shares]
+        agg = self.group.meta_gradient(self.theta(), shares)
         opt_start = time.perf_counter()
         lr = self.cfg.outer.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -83,6 +122,7 @@ class CentralLearner:
             metrics["meta/loss"] = agg.stats.get("loss_after", agg.stats.get("loss_before"))
         step_s = end - start
         timing = agg.timing
+        faults = self.group.faults
         metrics.update({
             "perf/step_s": step_s,
             "perf/tasks_per_s": self.cfg.outer.meta_batch_size / step_s,
@@ -91,8 +131,8 @@ class CentralLearner:
             "perf/dispatch_get_s": max(0.0, timing.wait_s - agg.compute_s),
             "perf/optimizer_s": end - opt_start,
             "perf/gathered_mb": timing.gathered_bytes / 2**20,
-            "orchestrator/faults": float(self.group.faults.count),
-            "orchestrator/stragglers": float(self.group.faults.stragglers),
+            "orchestrator/faults": float(faults.count),
+            "orchestrator/stragglers": float(faults.stragglers),
             "orchestrator/workers": float(self.group.size),
             "orchestrator/dropped_tasks": float(agg.dropped),
             "orchestrator/skipped_steps": float(self.skipped_steps),
@@ -102,25 +142,30 @@ class CentralLearner:
 
     def _apply(self, grad: np.ndarray) -> bool:
         """One optimizer step with ``grad``; undone (False) if it would leave θ or the optimizer non-finite."""
-        grads = self.spec.unflatten(torch.from_numpy(grad))
+        self.flat.grad = torch.from_numpy(grad)
         before = self._tensors()
-        saved = [t.clone() for t in before]
+        if [t.shape for t in self._backup] != [t.shape for t in before]:
+            self._backup = [torch.empty_like(t) for t in before]
+        for saved, t in zip(self._backup, before):
+            saved.copy_(t)
         with torch.no_grad():
-            for name, p in self.params.items():
-                p.grad = grads[name].clone()
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            after = self._tensors()
-            if all(bool(t.isfinite().all()) for t in after if t.is_floating_point()):
-                return True
-            for t, old in zip(before, saved):  # e.g. an update that overflowed float32
-                t.copy_(old)
-            if len(after) != len(before):  # the optimizer's state was created by this very step
-                self.optimizer.state.clear()
+        self.flat.grad = None
+        after = self._tensors()
+        if bool(torch.stack([t.isfinite().all() for t in after]).all()):
+            return True
+        for t, saved in zip(before, self._backup):  # e.g. an update that overflowed float32
+            t.copy_(saved)
+        if len(after) != len(before):  # the optimizer's state was created by this very step
+            self.optimizer.state.clear()
         return False
 
     def _tensors(self) -> list[torch.Tensor]:
         """θ and the optimizer's state tensors, in a fixed order."""
-        state = [v for p in self.params.values() for v in self.optimizer.state.get(p, {}).values()
-                 if isinstance(v, torch.Tensor)]
-        return [*self.params.values(), *state]
+        state = self.optimizer.state.get(self.flat, {})
+        return [self.flat, *(v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point())]
+
+
+def _elementwise(state: Any, param: torch.Tensor) -> bool:
+    """Whether an optimizer state entry has one value per element of ``param`` (Adam's moments) or not (its step)."""
+    return isinstance(state, torch.Tensor) and state.shape == param.shape and state.dim() > 0

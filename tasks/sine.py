@@ -10,6 +10,11 @@ whole of it.
 Support and query points are independent uniform draws (the same distribution as
 disjoint draws from an unbounded pool), so any K and Q fit.
 
+A share of episodes is drawn at once (``episode_uniforms``): per episode, draw 0
+is the amplitude, 1 the phase, then ``k_shot`` support x and ``query`` query x.
+(Until this stream, each episode had its own ``episode_rng`` Generator, drawn in
+the same order: same distribution, other numbers.)
+
 >>> src = SineTasks(k_shot=5, query=7)
 >>> b = src.sample(EpisodeIds(seed=0, step=0, indices=(0, 1, 2)))
 >>> tuple(b.support_x.shape), tuple(b.query_y.shape)
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.episode import EpisodeBatch, EpisodeIds, episode_rng
+from tasks.episode import EpisodeBatch, EpisodeIds, episode_uniforms
 
 
 @dataclass(frozen=True)
@@ -46,21 +51,23 @@ class SineTasks:
 
     def task_parameters(self, ids: EpisodeIds) -> np.ndarray:
         """[T, 2] array of (amplitude, phase) per episode: the ground truth, e.g. for plots."""
-        return np.array([self._draw(ids, i)[0] for i in ids.indices], dtype=np.float64)
+        return self._draw(ids)[0]
 
     def sample(self, ids: EpisodeIds) -> EpisodeBatch:
-        drawn = [self._draw(ids, i) for i in ids.indices]
-        arrays = [np.stack(col) for col in zip(*(d[1] for d in drawn))]
+        amp_phase, sx, qx = self._draw(ids)
+        amp, phase = amp_phase[:, :1], amp_phase[:, 1:]
+        arrays = (sx, amp * np.sin(sx - phase), qx, amp * np.sin(qx - phase))
         sx, sy, qx, qy = (torch.from_numpy(a.astype(np.float32)[..., None]) for a in arrays)
         return EpisodeBatch(sx, sy, qx, qy)
 
-    def _draw(self, ids: EpisodeIds, index: int) -> tuple[tuple[float, float], tuple[np.ndarray, ...]]:
-        rng = episode_rng(ids.seed, ids.step, index, ids.purpose)
-        amp = rng.uniform(*self.amplitude)
-        phase = rng.uniform(*self.phase)
-        sx = rng.uniform(*(self.support_x_range or self.x_range), size=self.k_shot)
-        qx = rng.uniform(*self.x_range, size=self.query)
-        return (amp, phase), (sx, amp * np.sin(sx - phase), qx, amp * np.sin(qx - phase))
+    def _draw(self, ids: EpisodeIds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(amplitude, phase) [T, 2], support x [T, k_shot], query x [T, query], all float64."""
+        u = episode_uniforms(ids, 2 + self.k_shot + self.query)
+        ranges = np.array([self.amplitude, self.phase, self.support_x_range or self.x_range, self.x_range])
+        # Range of each draw: amplitude, phase, then k_shot support x, then query x.
+        low, high = ranges[np.repeat(np.arange(4), (1, 1, self.k_shot, self.query))].T
+        values = low + (high - low) * u
+        return values[:, :2], values[:, 2:2 + self.k_shot], values[:, 2 + self.k_shot:]
 
     @staticmethod
     def curve(amp_phase: np.ndarray, x: np.ndarray) -> np.ndarray:

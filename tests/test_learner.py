@@ -18,16 +18,18 @@ def learner(tmp_path, **outer):
 
 def test_an_update_that_overflows_is_undone_and_counted(tmp_path):
     # A finite gradient times a finite but huge learning rate overflows float32: the step must not be taken.
-    sane = learner(tmp_path, optimizer="sgd", lr=0.01, momentum=0.9)
+    # (Weight decay puts 10 θ into the gradient, so some entry of it exceeds 1 whatever the tasks drew.)
+    sane = learner(tmp_path, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=10.0)
     sane.meta_step()
     sane.meta_step()  # momentum buffers exist from here on
     state = sane.state_dict()
-    huge = learner(tmp_path, optimizer="sgd", lr=3e38, momentum=0.9)
+    huge = learner(tmp_path, optimizer="sgd", lr=3e38, momentum=0.9, weight_decay=10.0)
     huge.load_state_dict(state)
     metrics = huge.meta_step()
     assert metrics["orchestrator/skipped_steps"] == 1 and huge.skipped_steps == 1 and huge.step == 3
     assert torch.equal(flat(huge.params), flat(state["params"]))
-    after = huge.optimizer.state_dict()["state"]
+    after = huge.state_dict()["optimizer"]["state"]
+    assert len(after) == len(huge.params)
     assert all(torch.equal(after[i]["momentum_buffer"], state["optimizer"]["state"][i]["momentum_buffer"])
                for i in after)
     sane.meta_step()
@@ -35,7 +37,7 @@ def test_an_update_that_overflows_is_undone_and_counted(tmp_path):
 
 
 def test_the_first_update_overflowing_leaves_no_optimizer_state(tmp_path):
-    huge = learner(tmp_path, optimizer="sgd", lr=3e38, momentum=0.9)
+    huge = learner(tmp_path, optimizer="sgd", lr=3e38, momentum=0.9, weight_decay=10.0)
     before = flat(huge.params).clone()
     huge.meta_step()
     assert huge.skipped_steps == 1 and torch.equal(flat(huge.params), before) and not huge.optimizer.state
