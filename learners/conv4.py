@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from learners.classifier import Classifier
+from learners.norm import BatchNorm2d
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -21,7 +22,7 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
         # No conv bias: batch norm's shift makes it redundant, and its gradient is pure rounding noise, which
         # Adam would turn into full-size steps.
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        BatchNorm2d(out_channels, track_running_stats=False),
         nn.ReLU(),
         nn.MaxPool2d(2),
     )

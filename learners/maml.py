@@ -26,7 +26,8 @@ from learners.inner_loop import sgd
 from learners.objective import Objective, query_stats
 from learners.params import Params, init_params, materialize
 from learners.registry import AlgorithmConfig, Parts, register
-from learners.strategy import LossFn, Strategy, Summed, compiled_losses, gradient_of, sum_of_losses, sum_over_tasks
+from learners.maml_batched import batched_losses
+from learners.strategy import Strategy, Summed, compiled_tasks, gradient_of, sum_of_losses, sum_over_tasks
 from tasks.episode import EpisodeBatch
 
 
@@ -40,8 +41,8 @@ class MAML:
     inner_keys: tuple[str, ...] | None = None  # None: every parameter (MAML); the head: ANIL
     strategy: Strategy = "vmap"
     name: str = "maml"
-    compile: bool = False  # torch.compile the per-task loss (batched with vmap): pays over long runs only
-    _compiled: dict[str, LossFn] = field(default_factory=dict, init=False, repr=False, compare=False)
+    compile: bool = False  # torch.compile the per-task gradient (batched with vmap): pays over long runs only
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def init_params(self, seed: int) -> Params:
         return init_params(self.model, seed)
@@ -73,11 +74,18 @@ class MAML:
         return gradient_of(self.task_loss)(params, sx, sy, qx, qy)
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
-        if type(self).task_gradient is not MAML.task_gradient:  # not the gradient of task_loss (Reptile: θ − φ)
-            return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
-        if self.compile and self.strategy not in self._compiled:
-            self._compiled[self.strategy] = compiled_losses(self.task_loss, self.strategy)
-        return sum_of_losses(self.task_loss, params, batch, self.strategy, self._compiled.get(self.strategy))
+        plain = type(self).task_gradient is MAML.task_gradient  # not Reptile's θ − φ, ...: the gradient of task_loss
+        if plain and self.compile:
+            key = ("compiled", self.strategy)
+            if key not in self._cache:
+                self._cache[key] = compiled_tasks(self.task_gradient, self.strategy)
+            return sum_over_tasks(self.task_gradient, params, batch, self.strategy, self._cache[key])
+        if plain and self.strategy == "vmap":
+            if "batched" not in self._cache:  # all tasks at once without vmap, where the backbone allows
+                self._cache["batched"] = batched_losses(self)
+            if self._cache["batched"] is not None:
+                return sum_of_losses(self._cache["batched"], self.task_loss, params, batch)
+        return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
 
 
 @register
@@ -89,9 +97,12 @@ class MAMLConfig(AlgorithmConfig):
     """SGD steps on the support set in the inner loop."""
     first_order: bool = False
     """Detach inner gradients (implied by fomaml)."""
+    compile: bool = False
+    """torch.compile the per-task gradient (batched with vmap). Its first step compiles (minutes on a small CPU, see
+    benchmarks/throughput.py --compile), so it pays on long runs, and again on the first share of another size."""
 
     def build(self, parts: Parts) -> MAML:
         return MAML(parts.model, parts.objective, self.inner_steps, self.inner_lr,
                     first_order=self.first_order or self.name == "fomaml",
                     inner_keys=parts.model.head_keys if self.name == "anil" else None,
-                    strategy=parts.strategy, name=self.name)
+                    strategy=parts.strategy, name=self.name, compile=self.compile)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from learners.norm import BatchNorm2d
+
 
 class ResBlock(nn.Module):
     """Three conv3x3-BN units with a 1x1 shortcut, LeakyReLU(0.1), max-pool 2."""
@@ -36,13 +38,13 @@ class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out, track_running_stats=False)
+        self.bn1 = BatchNorm2d(c_out, track_running_stats=False)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out, track_running_stats=False)
+        self.bn2 = BatchNorm2d(c_out, track_running_stats=False)
         self.conv3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c_out, track_running_stats=False)
+        self.bn3 = BatchNorm2d(c_out, track_running_stats=False)
         self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False),
-                                      nn.BatchNorm2d(c_out, track_running_stats=False))
+                                      BatchNorm2d(c_out, track_running_stats=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)

@@ -7,11 +7,12 @@ Which one is faster depends on the model and the device, so it is a measured cho
 
 Two ways to sum over tasks:
 
-- ``sum_over_tasks(task_fn, ...)``: ``task_fn`` returns each task's gradient (any algorithm, e.g.
-  Reptile's θ − φ).
-- ``sum_of_losses(loss_fn, ...)``: for algorithms whose task gradient is the gradient of a per-task
-  loss. With vmap the per-task losses are computed batched and differentiated with ONE backward of
-  their sum (cheaper than a gradient per task); with a loop, one task's graph at a time.
+- ``sum_over_tasks(task_fn, ...)``: ``task_fn`` returns each task's gradient (vmap batches it, a loop
+  runs it task by task); any algorithm, e.g. Reptile's θ − φ.
+- ``sum_of_losses(batched, ...)``: for a function that computes every task's loss at once without vmap
+  (``learners.maml_batched``): ONE backward of their sum, cheaper than a gradient per task. (One
+  backward through ``vmap`` of a per-task loss with an inner ``torch.func.grad`` is not an option: on
+  PyTorch 2.13 it is ~1% off for Conv-4's batch norm, second order; ``tests/test_hot_path.py``.)
 
 Tasks whose gradient or statistics are not finite (a diverging inner loop) are dropped from the sums
 and counted, so they never reach the meta-parameters. ``sum_of_losses`` checks the per-task losses,
@@ -68,11 +69,15 @@ def _episode_tensors(batch: EpisodeBatch) -> tuple[torch.Tensor, ...]:
     return batch.support_x, batch.support_y, batch.query_x, batch.query_y
 
 
-def sum_over_tasks(task_fn: TaskFn, params: Params, batch: EpisodeBatch, strategy: Strategy) -> Summed:
-    """Apply ``task_fn(params, sx, sy, qx, qy) -> (grads, stats)`` to every task and sum the finite ones."""
+def sum_over_tasks(task_fn: TaskFn, params: Params, batch: EpisodeBatch, strategy: Strategy,
+                   compiled: TaskFn | None = None) -> Summed:
+    """Apply ``task_fn(params, sx, sy, qx, qy) -> (grads, stats)`` to every task and sum the finite ones.
+
+    ``compiled`` (``compiled_tasks``) stands in for ``vmap(task_fn)`` (vmap) or ``task_fn`` (loop).
+    """
     tensors = _episode_tensors(batch)
     if strategy == "vmap":
-        grads, stats = vmap(task_fn, in_dims=TASK_AXES)(params, *tensors)
+        grads, stats = (compiled or vmap(task_fn, in_dims=TASK_AXES))(params, *tensors)
         ok = _finite(grads, True) & _finite(stats, True)
         return _masked_sums(grads, stats, ok)
     if strategy == "loop":
@@ -81,7 +86,7 @@ def sum_over_tasks(task_fn: TaskFn, params: Params, batch: EpisodeBatch, strateg
         rows: list[dict[str, torch.Tensor]] = []
         flags: list[torch.Tensor] = []
         for i in range(len(batch)):
-            g, s = task_fn(params, *(t[i] for t in tensors))
+            g, s = (compiled or task_fn)(params, *(t[i] for t in tensors))
             ok = _finite(g, False) & _finite(s, False)
             acc = {k: acc[k] + torch.where(ok, g[k], 0) for k in acc}
             rows.append(s)
@@ -90,6 +95,15 @@ def sum_over_tasks(task_fn: TaskFn, params: Params, batch: EpisodeBatch, strateg
         stats = {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows else {}
         return _summed(acc, stats, ok)
     raise ValueError(f"unknown strategy {strategy!r}; use 'vmap' or 'loop'")
+
+
+def compiled_tasks(task_fn: TaskFn, strategy: Strategy) -> TaskFn:
+    """``torch.compile`` of the per-task function as ``sum_over_tasks`` calls it (batched with vmap, or per task).
+
+    Its first call compiles (seconds to minutes on a CPU: ``benchmarks/throughput.py --compile`` reports it),
+    and so does the first call with another number of tasks: keep it and pass it to every call.
+    """
+    return torch.compile(vmap(task_fn, in_dims=TASK_AXES) if strategy == "vmap" else task_fn)
 
 
 def _masked_sums(grads: Params, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> Summed:
@@ -104,48 +118,25 @@ def _summed(grads: Params, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> 
     return Summed(grads, kept_stats(stats, ok), kept, len(flags) - kept, flags)
 
 
-def compiled_losses(loss_fn: LossFn, strategy: Strategy) -> LossFn:
-    """``torch.compile`` of what ``sum_of_losses`` calls per batch (vmap: ``vmap(loss_fn)``) or per task (loop).
+def sum_of_losses(batched: LossFn, loss_fn: LossFn, params: Params, batch: EpisodeBatch) -> Summed:
+    """Sum over tasks of the gradient of ``loss_fn(params, sx, sy, qx, qy) -> (loss, stats)`` and of its stats,
+    from ``batched``, which computes every task's loss and stats at once (``[T]`` each) with the same numbers.
 
-    The first call compiles (seconds to minutes on a CPU; ``benchmarks/throughput.py`` reports it), and so
-    does the first call with a new number of tasks; keep the result and pass it to every call.
-    """
-    return torch.compile(vmap(loss_fn, in_dims=TASK_AXES) if strategy == "vmap" else loss_fn)
-
-
-def sum_of_losses(loss_fn: LossFn, params: Params, batch: EpisodeBatch, strategy: Strategy,
-                  compiled: LossFn | None = None) -> Summed:
-    """Sum over tasks of the gradient of ``loss_fn(params, sx, sy, qx, qy) -> (loss, stats)`` and of its stats.
-
-    vmap: one backward of the summed per-task losses. loop: one task at a time, its gradient added on the
-    device. ``compiled`` (from ``compiled_losses``) stands in for the eager functions. If any loss, statistic
-    or the summed gradient is not finite, the per-task gradients are recomputed eagerly (``sum_over_tasks``)
-    to drop the offenders.
+    One backward of the summed losses. If any loss, statistic or the summed gradient is not finite, the per-task
+    gradients of ``loss_fn`` are recomputed (``sum_over_tasks``, vmap) to drop the offenders.
     """
     tensors = _episode_tensors(batch)
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
     with torch.enable_grad():
-        if strategy == "vmap":
-            losses, stats = (compiled or vmap(loss_fn, in_dims=TASK_AXES))(leaves, *tensors)
-            grads = _grad(losses.sum(), leaves)
-        elif strategy == "loop":
-            grads = {k: torch.zeros_like(v) for k, v in params.items()}
-            per_task = []
-            for i in range(len(batch)):
-                loss, s = (compiled or loss_fn)(leaves, *(t[i] for t in tensors))
-                grads = {k: grads[k] + g for k, g in _grad(loss, leaves).items()}
-                per_task.append((loss.detach(), s))
-            losses = torch.stack([loss for loss, _ in per_task])
-            stats = {k: torch.stack([s[k] for _, s in per_task]) for k in per_task[0][1]}
-        else:
-            raise ValueError(f"unknown strategy {strategy!r}; use 'vmap' or 'loop'")
+        losses, stats = batched(leaves, *tensors)
+        grads = _grad(losses.sum(), leaves)
     # One transfer: the losses' sum, each gradient's sum and each statistic's sum (finite iff every term is).
     sums = torch.stack([losses.detach().sum(), *(g.sum() for g in grads.values()),
                         *(v.sum() for v in stats.values())]).tolist()
     if all(map(math.isfinite, sums)):
         n = len(batch)
         return Summed(grads, dict(zip(stats, sums[1 + len(grads):])), n, 0, [True] * n)
-    return sum_over_tasks(gradient_of(loss_fn), params, batch, strategy)
+    return sum_over_tasks(gradient_of(loss_fn), params, batch, "vmap")
 
 
 def gradient_of(loss_fn: LossFn) -> TaskFn:

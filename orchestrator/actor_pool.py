@@ -46,7 +46,7 @@ class RemoteWorker(TaskWorker):
                 warnings.simplefilter("ignore", DeprecationWarning)  # raised by Ray's own property internals
                 restarted = ray.get_runtime_context().was_current_actor_reconstructed
             super().__init__(config, index, restarted=restarted, store_path=local_store(config, shipped),
-                             plugins=plugins, drill=drill)
+                             plugins=plugins, drill=drill, prefetch=True)
         except Exception as e:  # noqa: BLE001 - re-raised by ready()
             self._init_error = e
 

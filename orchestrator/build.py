@@ -23,10 +23,15 @@ from orchestrator.config import Config, ConfigError, ImageTaskConfig, SineTaskCo
 from tasks.episode import TaskSource
 from tasks.sine import SineTasks
 
-# Per-task strategy when algorithm.strategy is "auto", by backbone, measured on this project's 2-core CPU
-# (benchmarks/throughput.py): vmap ~10x faster than a loop for the sine MLP; a loop 1.5-2x faster than
-# vmap for Conv-4 (ProtoNet, FOMAML, ANIL, MAML alike).
-AUTO_STRATEGY = {"mlp": "vmap", "conv4": "loop", "resnet12": "loop"}
+# Per-task strategy when algorithm.strategy is "auto", by (device, backbone). CPU: measured on this project's
+# 2-core CPU (benchmarks/throughput.py): vmap ~10x faster than a loop for the sine MLP; a loop 1.5-2x faster
+# than vmap for Conv-4 (ProtoNet, FOMAML, ANIL, MAML alike). CUDA: vmap for every backbone, the expected
+# choice (batched kernels instead of one launch per task) until benchmarks/gpu_check.py, which times both on
+# a GPU, says otherwise.
+AUTO_STRATEGY = {
+    ("cpu", "mlp"): "vmap", ("cpu", "conv4"): "loop", ("cpu", "resnet12"): "loop",
+    ("cuda", "mlp"): "vmap", ("cuda", "conv4"): "vmap", ("cuda", "resnet12"): "vmap",
+}
 
 Split = Literal["train", "val", "eval"]
 
@@ -70,9 +75,10 @@ def build_model(cfg: Config) -> tuple[nn.Module, Objective, int]:
         return model, CrossEntropy(), channels * height * height
 
 
-def build_algorithm(cfg: Config) -> Algorithm:
+def build_algorithm(cfg: Config, device: torch.device | str = "cpu") -> Algorithm:
+    """The run's algorithm, its per-task strategy resolved for the ``device`` it computes on."""
     model, objective, in_features = build_model(cfg)
     a = cfg.algorithm
-    strategy = AUTO_STRATEGY[cfg.model.backbone] if a.strategy == "auto" else a.strategy
+    strategy = AUTO_STRATEGY[torch.device(device).type, cfg.model.backbone] if a.strategy == "auto" else a.strategy
     n_way = cfg.task.n_way if isinstance(cfg.task, ImageTaskConfig) else None
     return a.build(Parts(model, objective, in_features, n_way, strategy))

@@ -132,6 +132,9 @@ class ModelConfig(Strict):
     """Hidden layer widths of the MLP (the MAML sine regressor is [40, 40])."""
     width: PositiveInt = 64
     """Filters per Conv-4 block (64 in most papers; MAML used 32 on miniImageNet)."""
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """bfloat16: the workers run the backbone under bfloat16 autocast (mixed precision); parameters, gradients
+    and the sums over tasks stay float32."""
 
 
 class OuterConfig(Strict):

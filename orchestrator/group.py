@@ -1,7 +1,8 @@
 """Worker groups: who computes the shares of a meta-step, and of an evaluation.
 
-``WorkerGroup`` puts θ in the object store once per call and has the ``ShareScheduler`` run the
-shares on the ``ActorPool``'s TaskWorker actors, inside the run's ``RaySession``. With
+``WorkerGroup`` sends θ with the calls (a small θ inline in each call, a large one put in the object
+store once per call) and has the ``ShareScheduler`` run the shares on the ``ActorPool``'s TaskWorker
+actors, inside the run's ``RaySession``. With
 ``reduce: node`` the gradients stay on their nodes and a ``NodeReducer`` per node sums them first,
 so the learner receives one float64 partial sum per node.
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from orchestrator.config import Config
 from orchestrator.faults import FaultLog
-from orchestrator.messages import Aggregate, CallTiming, aggregate, sum_grads
+from orchestrator.messages import Aggregate, CallTiming, aggregate, sum_grads, theta_message
 from orchestrator.worker import TaskWorker
 from tasks.episode import EpisodeIds
 
@@ -83,14 +84,14 @@ class WorkerGroup:
     def meta_gradient(self, theta: np.ndarray, shares: list[EpisodeIds]) -> Aggregate:
         """The step's mean meta-gradient over ``shares``; summed node by node first when ``reduce: node``."""
         start = time.perf_counter()
-        theta_ref = self._ray.put(theta)
+        theta_arg = self._send(theta)
         put_s = time.perf_counter() - start
         what = f"the meta-gradient of step {shares[0].step}"
         if self._w.reduce == "flat":
-            done = self.scheduler.run(len(shares), lambda actor, i: _call(actor.meta_gradient, theta_ref, shares[i]), what)
+            done = self.scheduler.run(len(shares), lambda actor, i: _call(actor.meta_gradient, theta_arg, shares[i]), what)
             results = [r.value for r in done.results]
             return aggregate(results, timing=CallTiming(put_s, done.wait_s, sum(r.grad.nbytes for r in results)))
-        done = self.scheduler.run(len(shares), lambda actor, i: _split(actor, theta_ref, shares[i]), what)
+        done = self.scheduler.run(len(shares), lambda actor, i: _split(actor, theta_arg, shares[i]), what)
         reduce_start = time.perf_counter()
         by_node: dict[str, list[Any]] = {}
         for r in done.results:
@@ -104,7 +105,7 @@ class WorkerGroup:
                 reducer = self._reducers.pop(node, None)
                 if reducer is not None:
                     self._ray.kill(reducer, no_restart=True)
-            flat = self.scheduler.run(len(shares), lambda actor, i: _call(actor.meta_gradient, theta_ref, shares[i]), what)
+            flat = self.scheduler.run(len(shares), lambda actor, i: _call(actor.meta_gradient, theta_arg, shares[i]), what)
             results = [r.value for r in flat.results]
             return aggregate(results, timing=CallTiming(put_s, time.perf_counter() - start - put_s,
                                                         sum(r.grad.nbytes for r in results)))
@@ -114,11 +115,16 @@ class WorkerGroup:
 
     def evaluate(self, theta: np.ndarray, shares: list[EpisodeIds], steps: int, lr: float,
                  probe: str | None = None, split: str = "eval") -> list[dict[str, np.ndarray]]:
-        theta_ref = self._ray.put(theta)
+        theta_arg = self._send(theta)
         done = self.scheduler.run(
-            len(shares), lambda actor, i: _call(actor.evaluate, theta_ref, shares[i], steps, lr, probe, split),
+            len(shares), lambda actor, i: _call(actor.evaluate, theta_arg, shares[i], steps, lr, probe, split),
             "evaluation")
         return [r.value.curves for r in done.results]
+
+    def _send(self, theta: np.ndarray) -> Any:
+        """What the calls pass as θ: bytes inside each call when small, else one object-store ref read by all."""
+        message = theta_message(theta)
+        return message if isinstance(message, bytes) else self._ray.put(theta)
 
     def _reducer(self, node: str) -> Any:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -159,11 +165,11 @@ def _call(method: Any, *args: Any):
     return Submitted(method.remote(*args))
 
 
-def _split(actor: Any, theta_ref: Any, share: EpisodeIds):
+def _split(actor: Any, theta_arg: Any, share: EpisodeIds):
     """meta_gradient_parts: wait for the header; the gradient's ref stays where it was computed."""
     from orchestrator.actor_pool import Submitted
 
-    header, grad = actor.meta_gradient_parts.options(num_returns=2).remote(theta_ref, share)
+    header, grad = actor.meta_gradient_parts.options(num_returns=2).remote(theta_arg, share)
     return Submitted(header, grad)
 
 

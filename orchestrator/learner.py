@@ -152,7 +152,7 @@ class CentralLearner:
             self.optimizer.step()
         self.flat.grad = None
         after = self._tensors()
-        if bool(torch.stack([t.isfinite().all() for t in after]).all()):
+        if bool(torch.stack([t.sum() for t in after]).isfinite().all()):  # finite sums: finite terms (see strategy)
             return True
         for t, saved in zip(before, self._backup):  # e.g. an update that overflowed float32
             t.copy_(saved)

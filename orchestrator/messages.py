@@ -1,15 +1,31 @@
 """The messages between the central learner and its workers, and the pure reduction of their results.
 
-Learner -> worker: flat float32 θ (one object-store ref per step) and ``EpisodeIds``.
+Learner -> worker: flat float32 θ and ``EpisodeIds``. θ up to ``INLINE_BYTES`` travels as bytes inside
+each call; a larger one is one object-store ref per step.
 Worker -> learner: ``TaskResult``, the summed meta-gradient of its share (``EvalResult`` when evaluating).
 ``aggregate`` turns the results of one step into the mean meta-gradient.
+
+Small arrays cross as bytes because Ray's zero-copy path for numpy arrays (out-of-band buffers) has a
+fixed cost per array that, for the sine model's 7 KB, is larger than copying them (~0.5 ms a call each
+way on a 2-core machine, benchmarks/throughput.py); large arrays keep it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
+
+INLINE_BYTES = 64 * 1024  # below Ray's 100 KiB limit for arguments and results passed inside a call
+
+
+def theta_message(theta: np.ndarray) -> bytes | np.ndarray:
+    """θ as the calls carry it: bytes when small (read back with ``theta_array``), else the array itself."""
+    return theta.tobytes() if theta.nbytes <= INLINE_BYTES else theta
+
+
+def theta_array(theta: bytes | np.ndarray) -> np.ndarray:
+    return np.frombuffer(theta, dtype=np.float32) if isinstance(theta, bytes) else theta
 
 
 @dataclass(frozen=True)
@@ -27,6 +43,16 @@ class TaskResult:
 
     def on_node(self, node: str) -> "TaskResult":
         return replace(self, node=node)
+
+    def __reduce__(self):
+        rest = tuple(getattr(self, f.name) for f in fields(self)[1:])
+        if self.grad.nbytes > INLINE_BYTES:
+            return TaskResult, (self.grad, *rest)
+        return _task_result, (self.grad.tobytes(), self.grad.dtype.str, *rest)
+
+
+def _task_result(grad: bytes, dtype: str, *rest) -> TaskResult:
+    return TaskResult(np.frombuffer(grad, dtype=dtype), *rest)
 
 
 @dataclass(frozen=True)

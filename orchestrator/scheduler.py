@@ -65,37 +65,43 @@ class ShareScheduler:
                 idle.extend(self.pool.idle())
                 continue
             leftovers = self.pool.leftovers()
-            refs = list(running) + [r for r in leftovers if r not in running]
-            ready, _ = ray.wait(refs, num_returns=1, timeout=self._timeout(running, results, copies, idle))
+            if queue or self.deadline is not None:
+                # Something to hand out as soon as a worker is free: wake on the first result (or a leftover).
+                refs, wanted = list(running) + [r for r in leftovers if r not in running], 1
+            else:
+                refs, wanted = list(running), len(running)  # nothing else to do: one wait for every result
+            ready, _ = ray.wait(refs, num_returns=wanted, timeout=self._timeout(running, results, copies, idle))
             if not ready:
                 self._duplicate_stragglers(running, results, copies, idle, queue)
                 continue
-            ref = ready[0]
-            if ref not in running:  # an overtaken straggler from an earlier call finished: its worker is free
-                self.pool.release(leftovers[ref])
-                idle.append(leftovers[ref])
-                continue
-            share, slot, _, payload = running.pop(ref)
-            copies[share] -= 1
-            try:
-                value = ray.get(ref)
-            except RayTaskError as e:
-                raise e.as_instanceof_cause() from None  # the worker's own error, not Ray's wrapper
-            except RayActorError as e:
-                self.pool.suspect(slot, f"worker {slot.index} died during {what} (share {share}): {type(e).__name__}")
-                failures[share] += 1
-                if failures[share] > self.MAX_SHARE_FAILURES:  # e.g. an episode that runs every worker out of memory
-                    raise RunFailed(f"share {share} of {what} killed its worker {failures[share]} times; "
-                                    "giving up (see the workers' logs)") from None
-                if results[share] is None and copies[share] == 0:
-                    queue.appendleft(share)
-                continue
-            self.pool.release(slot)
-            self.pool.note_incarnation(slot, value.incarnation)
-            if results[share] is None:
-                results[share] = ShareResult(value, payload, slot.index)
-                pending -= 1
-            idle.append(slot)
+            values = _get_all([r for r in ready if r in running])
+            for ref in ready:
+                if ref not in running:  # an overtaken straggler from an earlier call finished: its worker is free
+                    self.pool.release(leftovers[ref])
+                    idle.append(leftovers[ref])
+                    continue
+                share, slot, _, payload = running.pop(ref)
+                copies[share] -= 1
+                try:
+                    value = values[ref] if ref in values else ray.get(ref)
+                except RayTaskError as e:
+                    raise e.as_instanceof_cause() from None  # the worker's own error, not Ray's wrapper
+                except RayActorError as e:
+                    self.pool.suspect(slot, f"worker {slot.index} died during {what} (share {share}): "
+                                            f"{type(e).__name__}")
+                    failures[share] += 1
+                    if failures[share] > self.MAX_SHARE_FAILURES:  # e.g. an episode that runs every worker OOM
+                        raise RunFailed(f"share {share} of {what} killed its worker {failures[share]} times; "
+                                        "giving up (see the workers' logs)") from None
+                    if results[share] is None and copies[share] == 0:
+                        queue.appendleft(share)
+                    continue
+                self.pool.release(slot)
+                self.pool.note_incarnation(slot, value.incarnation)
+                if results[share] is None:
+                    results[share] = ShareResult(value, payload, slot.index)
+                    pending -= 1
+                idle.append(slot)
         # Copies still running stay busy in the pool until they finish; nobody waits for them.
         return Round(results, time.perf_counter() - start)
 
@@ -116,3 +122,13 @@ class ShareScheduler:
                 queue.appendleft(share)
                 # The next pass of the loop submits it to the idle worker.
                 return
+
+
+def _get_all(refs: list) -> dict:
+    """The values of finished calls in one round trip; empty when any of them failed (then fetched one by one)."""
+    if not refs:
+        return {}
+    try:
+        return dict(zip(refs, ray.get(refs)))
+    except (RayTaskError, RayActorError):
+        return {}

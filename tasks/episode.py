@@ -141,11 +141,29 @@ class EpisodeBatch:
         return EpisodeBatch(self.support_x[sl], self.support_y[sl], self.query_x[sl], self.query_y[sl])
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EpisodeBatch":
-        def move(t: torch.Tensor) -> torch.Tensor:
-            # Labels (integer dtypes) keep their dtype; only floating tensors follow `dtype`.
-            return t.to(device, dtype if (dtype is not None and t.is_floating_point()) else None)
+        """The batch on ``device`` (floating tensors in ``dtype`` if given; labels keep theirs). To a GPU it is
+        one copy for the whole share, from pinned memory (``transfer``), not one per tensor."""
+        tensors = (self.support_x, self.support_y, self.query_x, self.query_y)
+        if dtype is not None:
+            tensors = tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+        device = torch.device(device)
+        if device.type == "cuda":
+            return EpisodeBatch(*transfer(tensors, device, pin=True))
+        return EpisodeBatch(*(t.to(device) for t in tensors))
 
-        return EpisodeBatch(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y))
+
+def transfer(tensors: tuple[torch.Tensor, ...], device: torch.device, pin: bool) -> list[torch.Tensor]:
+    """``tensors`` on ``device`` in one copy: their bytes packed into one host buffer (page-locked with ``pin``,
+    so the copy is asynchronous and at full bus speed), copied at once and viewed back as the originals."""
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + -(-n // 64) * 64)  # each tensor 64-byte aligned, so any dtype can view it
+    staging = torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=pin)
+    for t, start, n in zip(tensors, offsets, sizes):
+        staging[start:start + n].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    moved = staging.to(device, non_blocking=pin)
+    return [moved[start:start + n].view(t.dtype).view(t.shape) for t, start, n in zip(tensors, offsets, sizes)]
 
 
 class TaskSource(Protocol):
