@@ -120,6 +120,7 @@ class Workload:
     k_shot: int = 1
     query: int = 15
     store: str | None = None
+    width: int | None = None  # narrower backbones for --quick (None: Conv-4's 64, ResNet-12's 64-160-320-640)
 
     def parts(self, strategy: str):
         from learners.classifier import Classifier
@@ -134,10 +135,11 @@ class Workload:
                 return Parts(MLP(1, [40, 40], 1), MSE(), 1, None, strategy)
             c, h, _ = self.shape
             if self.backbone == "resnet12":
-                net = ResNet12(c)
+                w = self.width
+                net = ResNet12(c) if w is None else ResNet12(c, (w, 2 * w, 4 * w, 8 * w))
                 model = Classifier(net, net.out_features(self.shape), self.n_way)
             else:
-                model = Conv4(c, h, self.n_way)
+                model = Conv4(c, h, self.n_way, self.width or 64)
         return Parts(model, CrossEntropy(), c * h * h, self.n_way, strategy)
 
     def build(self, strategy: str, compile: bool = False):
@@ -164,10 +166,11 @@ def workloads(quick: bool, folder: Path) -> list[Workload]:
         return [
             Workload("sine MAML", "maml", "sine", 4, {"inner_steps": 1, "inner_lr": 0.01}),
             Workload("Conv-4 MAML 5w1s", "maml", "images", 2, {"inner_steps": 1, "inner_lr": 0.4}, store=small,
-                     backbone="conv4", query=1),
-            Workload("Conv-4 ProtoNet 5w1s", "protonet", "images", 2, {}, store=small, backbone="conv4", query=1),
+                     backbone="conv4", query=1, width=16),
+            Workload("Conv-4 ProtoNet 5w1s", "protonet", "images", 2, {}, store=small, backbone="conv4", query=1,
+                     width=16),
             Workload("ResNet-12 SVM 5w1s", "metaoptnet-svm", "images", 1, {}, (3, 16, 16), "resnet12", store=tiny,
-                     query=1),
+                     query=1, width=16),
         ]
     omniglot = generated_store(folder, (1, 28, 28), 40, 20, 0)
     mini = generated_store(folder, (3, 84, 84), 20, 20, 1)
@@ -352,10 +355,10 @@ def table(device: torch.device, quick: bool, folder: Path, budget: Budget, steps
                     notes.append(f"compiled {w.label}: first call {first:.1f} s (compilation included)")
                 else:
                     skipped.append(f"{w.label} compiled ({'time budget' if device.type == 'cuda' else 'CPU'})")
-            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+            peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if device.type == "cuda" else "-"
             paper = PAPER_MS.get((w.algorithm, w.k_shot)) if w.backbone == "resnet12" else None
             out.append(f"{w.label:<24}{strategy:<9}{'bf16' if bf16 else 'fp32':<10}{eager:>14.1f}{compiled:>10}"
-                       f"{1e3 / eager:>11.1f}{paper if paper else '':>7}{peak:>9.0f}")
+                       f"{1e3 / eager:>11.1f}{paper if paper else '':>7}{peak:>9}")
     return out + [f"note: {n}" for n in notes] + [f"skipped: {s}" for s in skipped]
 
 

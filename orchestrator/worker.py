@@ -155,11 +155,18 @@ class TaskWorker:
 def _device(cfg: Config) -> torch.device:
     """Where this worker computes; a fractional GPU share also caps this process's GPU memory."""
     w = cfg.workers
-    if w.device == "cpu" or (w.device == "auto" and (w.num_gpus == 0 or not torch.cuda.is_available())):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("workers.device is cuda but this worker sees no GPU; set workers.num_gpus > 0")
-    if 0 < w.num_gpus < 1:
+    kind, memory_fraction = placement(w.device, w.num_gpus, torch.cuda.is_available())
+    if memory_fraction is not None:
         # Fractional GPUs in Ray are only a scheduling promise: enforce the share of memory ourselves.
-        torch.cuda.set_per_process_memory_fraction(w.num_gpus)
-    return torch.device("cuda")
+        torch.cuda.set_per_process_memory_fraction(memory_fraction)
+    return torch.device(kind)
+
+
+def placement(device: str, num_gpus: float, cuda_available: bool) -> tuple[str, float | None]:
+    """(where a worker computes, the fraction of GPU memory it may use or None) from ``workers.device``,
+    ``workers.num_gpus`` and whether its process sees a GPU."""
+    if device == "cpu" or (device == "auto" and (num_gpus == 0 or not cuda_available)):
+        return "cpu", None
+    if not cuda_available:
+        raise RuntimeError("workers.device is cuda but this worker sees no GPU; set workers.num_gpus > 0")
+    return "cuda", (num_gpus if 0 < num_gpus < 1 else None)

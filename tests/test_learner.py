@@ -52,3 +52,26 @@ def test_state_dict_round_trip_continues_identically(tmp_path):
     a.meta_step()
     b.meta_step()
     assert torch.equal(flat(a.params), flat(b.params)) and a.step == b.step == 3
+
+
+def test_optimizer_state_is_stored_per_parameter_as_torch_lays_it_out(tmp_path):
+    # θ is one flat tensor inside the learner; checkpoints keep torch's layout for an optimizer over the named
+    # parameters, so a plain torch.optim.Adam loads them and takes the same step, and its state loads back.
+    a = learner(tmp_path)
+    for _ in range(2):
+        a.meta_step()
+    state = a.state_dict()
+    named = {k: v.clone() for k, v in state["params"].items()}
+    plain = torch.optim.Adam(list(named.values()), lr=a.cfg.outer.lr)
+    plain.load_state_dict(state["optimizer"])
+    assert [tuple(s["exp_avg"].shape) for s in plain.state.values()] == [tuple(v.shape) for v in named.values()]
+    grad = torch.linspace(-1, 1, a.spec.numel)
+    for v, g in zip(named.values(), a.spec.unflatten(grad).values()):
+        v.grad = g.clone()
+    plain.step()
+    assert a._apply(grad.numpy())
+    torch.testing.assert_close(flat(a.params), flat(named), rtol=1e-6, atol=1e-7)
+    b = learner(tmp_path)
+    b.load_state_dict({**state, "params": named, "optimizer": plain.state_dict()})
+    torch.testing.assert_close(flat(b.params), flat(a.params), rtol=1e-6, atol=1e-7)
+    assert float(b.optimizer.state[b.flat]["step"]) == 3
