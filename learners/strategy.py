@@ -113,9 +113,12 @@ def _masked_sums(grads: Params, stats: dict[str, torch.Tensor], ok: torch.Tensor
 
 
 def _summed(grads: Params, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> Summed:
-    flags = ok.tolist()  # the host waits here, once
+    # The flags and the kept statistics' sums in one transfer: the host waits here, once.
+    sums = [torch.where(ok, v, 0).sum().to(torch.float64) for v in stats.values()]
+    values = torch.cat([ok.to(torch.float64), torch.stack(sums)]).tolist() if sums else ok.to(torch.float64).tolist()
+    flags = [v != 0 for v in values[:len(ok)]]
     kept = sum(flags)
-    return Summed(grads, kept_stats(stats, ok), kept, len(flags) - kept, flags)
+    return Summed(grads, dict(zip(stats, values[len(ok):])), kept, len(flags) - kept, flags)
 
 
 def sum_of_losses(batched: LossFn, loss_fn: LossFn, params: Params, batch: EpisodeBatch) -> Summed:
