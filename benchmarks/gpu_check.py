@@ -407,7 +407,8 @@ def main() -> None:
                     continue
                 print(f"  {w.label:<24} {rate:>10.1f} tasks/s ({1e3 / rate:.1f} ms per episode)", flush=True)
         else:
-            print("\nRay worker throughput on the GPU: skipped " + ("(no CUDA device)" if not cuda else "(time budget)"))
+            why = "(no CUDA device)" if not cuda else "(time budget)"
+            print(f"\nRay worker throughput on the GPU: skipped {why}")
     print(f"\ngpu_check: {'passed' if passed and same else 'FAILED'} in {time.monotonic() - started:.0f} s")
     sys.exit(0 if passed and same else 1)
 

@@ -147,8 +147,9 @@ def main() -> None:
         if any(n.startswith("ray") for n in names):
             import ray
 
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
-                     _node_ip_address="127.0.0.1")
+            # A Ray of its own, even where another is running on this machine.
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                     logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
         base = load_config(args.config, overrides)
         algorithms = args.algorithms.split(",") if args.algorithms else [base.algorithm.name]
         mb = args.meta_batch or base.outer.meta_batch_size

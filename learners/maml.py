@@ -74,7 +74,7 @@ class MAML:
         return gradient_of(self.task_loss)(params, sx, sy, qx, qy)
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
-        plain = type(self).task_gradient is MAML.task_gradient  # not Reptile's θ − φ, ...: the gradient of task_loss
+        plain = type(self).task_gradient is MAML.task_gradient  # the gradient of task_loss (not Reptile's θ − φ)
         if plain and self.compile:
             key = ("compiled", self.strategy)
             if key not in self._cache:

@@ -107,8 +107,8 @@ def test_the_loop_waits_for_the_gpu_once_per_share_not_once_per_task(make):
 
 def test_bfloat16_autocast_on_cuda_is_within_the_stated_tolerance():
     # The tolerances of tests/test_hot_path.py: sine MLP MAML within 20% (relative norm), Conv-4 ProtoNet cosine 0.95.
-    for alg, batch, bound in [(MAML(mlp(), MSE(), strategy="vmap"), SineTasks().sample(EpisodeIds(0, 0, tuple(range(8)))),
-                               "rel"),
+    sine = SineTasks().sample(EpisodeIds(0, 0, tuple(range(8))))
+    for alg, batch, bound in [(MAML(mlp(), MSE(), strategy="vmap"), sine, "rel"),
                               (ProtoNet(conv4(), CrossEntropy(), 5, strategy="vmap"), images(3), "cos")]:
         params, b = on("cuda", alg.init_params(0)), batch.to("cuda")
         full = alg.meta_gradient(params, b)
@@ -118,7 +118,8 @@ def test_bfloat16_autocast_on_cuda_is_within_the_stated_tolerance():
         if bound == "rel":
             assert 0 < rel(half.grads, full.grads) <= 0.2
         else:
-            x, y = (torch.cat([t[k].double().reshape(-1) for k in sorted(full.grads)]) for t in (half.grads, full.grads))
+            x, y = (torch.cat([t[k].double().reshape(-1) for k in sorted(full.grads)])
+                    for t in (half.grads, full.grads))
             assert float(x @ y / (x.norm() * y.norm())) >= 0.95
 
 

@@ -126,8 +126,8 @@ def test_uniforms_depend_only_on_the_episode_id_and_draw_index():
     shorter = episode_uniforms(EpisodeIds(11, 4, (5, 2)), 3)
     assert np.array_equal(whole[5], alone[0]) and np.array_equal(whole[5, :3], shorter[0])
     assert np.array_equal(whole[2, :3], shorter[1])
-    firsts = {key: float(episode_uniforms(EpisodeIds(*key), 1)[0, 0])
-              for key in [(0, 0, (0,)), (1, 0, (0,)), (0, 1, (0,)), (0, 0, (1,)), (2**64, 0, (0,)), (2**64 + 1, 0, (0,))]}
+    keys = [(0, 0, (0,)), (1, 0, (0,)), (0, 1, (0,)), (0, 0, (1,)), (2**64, 0, (0,)), (2**64 + 1, 0, (0,))]
+    firsts = {key: float(episode_uniforms(EpisodeIds(*key), 1)[0, 0]) for key in keys}
     firsts["eval"] = float(episode_uniforms(EpisodeIds(0, 0, (0,), Purpose.EVAL), 1)[0, 0])
     assert len(set(firsts.values())) == len(firsts)  # seed (also beyond 64 bits), step, index and purpose all count
     with pytest.raises(ValueError, match="non-negative"):
