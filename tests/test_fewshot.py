@@ -110,18 +110,27 @@ def test_rotations_are_four_distinct_classes_per_class(store):
 
 
 def test_impossible_episodes_are_refused_at_construction(store):
-    with pytest.raises(DataError, match=r"n_way=4 is more than the 3 classes this split has"):
+    with pytest.raises(DataError, match=r"^n_way: 4 is more than the 3 classes of this split"):
         FewShotTasks(store, n_way=4, k_shot=1, query=1, classes=[0, 1, 2])
     FewShotTasks(store, n_way=4, k_shot=1, query=1, classes=[0], rotations=True)
-    with pytest.raises(DataError, match=r"n_way=5 is more than the 4 classes with rotations"):
+    with pytest.raises(DataError, match=r"n_way: 5 is more than the 4 classes \(with rotations, 4 per class\)"):
         FewShotTasks(store, n_way=5, k_shot=1, query=1, classes=[0], rotations=True)
-    with pytest.raises(DataError, match=r"k_shot \+ query = 5 images per class, but class 'c11' has only 4"):
+    with pytest.raises(DataError, match=r"k_shot \+ query: 2 \+ 3 = 5 images per class, but class 'c11' of this "
+                                        r"split has only 4"):
         FewShotTasks(store, n_way=2, k_shot=2, query=3, classes=[0, 11])
+    # Every problem at once, in one line, under the caller's names for the keys.
+    keys = {"n_way": "task.train.n_way", "k_shot": "task.train.k_shot", "query": "task.query"}
+    with pytest.raises(DataError) as e:
+        FewShotTasks(store, n_way=13, k_shot=4, query=3, classes=range(12), keys=keys, where="the train split")
+    assert str(e.value) == ("task.train.n_way: 13 is more than the 12 classes of the train split; lower it or give "
+                            "the split more classes; task.train.k_shot + task.query: 4 + 3 = 7 images per class, but "
+                            "class 'c11' of the train split has only 4; lower them, or leave that class out of the "
+                            "split")
     with pytest.raises(DataError, match=r"class indices \[12\] are out of range .*\(12 classes\)"):
         FewShotTasks(store, n_way=2, k_shot=1, query=1, classes=[0, 12])
     with pytest.raises(DataError, match="listed twice"):
         FewShotTasks(store, n_way=2, k_shot=1, query=1, classes=[0, 0, 1])
-    with pytest.raises(DataError, match="k_shot must be >= 1, got 0"):
+    with pytest.raises(DataError, match="k_shot: must be >= 1, got 0"):
         FewShotTasks(store, n_way=2, k_shot=0, query=1, classes=[0, 1])
 
 
