@@ -110,7 +110,7 @@ def check_tasks(cfg: Config, splits: tuple[Split, ...] = ("train", "eval")) -> N
     if not problems and isinstance(cfg.task, ImageTaskConfig) and cfg.task.train.n_way not in (None, cfg.task.n_way):
         train = {k: tuple(v.shape) for k, v in build_algorithm(cfg, "train").init_params(0).items()}
         test = {k: tuple(v.shape) for k, v in build_algorithm(cfg, "eval").init_params(0).items()}
-        differ = sorted(k for k in train if train[k] != test.get(k))
+        differ = [k for k in test if train.get(k) != test[k]]  # in θ's own order
         if differ:
             raise ConfigError(f"task.train.n_way: {cfg.task.train.n_way} differs from task.n_way={cfg.task.n_way}, "
                               f"but {cfg.algorithm.name} meta-learns an n_way-sized head ({differ[0]} is "
