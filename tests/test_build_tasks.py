@@ -123,3 +123,21 @@ def test_data_errors_name_the_key_and_the_split_all_in_one_line(store, tmp_path)
         check_tasks(config(store, {"split": {"by": "group", "train": ["zz"], "test": ["a3"]}}))
     with pytest.raises(DataError, match=r"^task\.split: group 'a3' is listed in both train and test"):
         check_tasks(config(store, {"split": {"by": "group", "train": ["a3"], "test": ["a3"]}}))
+
+
+def test_a_store_with_altered_pixels_does_not_train(store, tmp_path):
+    from orchestrator.run import train
+
+    data = bytearray(store.read_bytes())
+    from tasks.store import ImageStore
+
+    opened = ImageStore.open(store)
+    for c in range(12):  # every training class altered: the first step reads one of them
+        data[opened.images(c).ctypes.data - opened._whole.address + 7] ^= 0x10
+    (tmp_path / "altered.arrow").write_bytes(bytes(data))
+    cfg = parse_config({**config(tmp_path / "altered.arrow").model_dump(mode="json"),
+                        "run": {"name": "altered", "dir": str(tmp_path / "runs")}, "outer": {"steps": 2},
+                        "tracking": {"enabled": False}})
+    with pytest.raises(DataError, match=r"altered\.arrow is corrupt: the pixels of class 'a\d/c\d' do not match"):
+        train(cfg, evaluate=False)
+    assert not (tmp_path / "runs" / "altered" / "checkpoint.pt").exists()
