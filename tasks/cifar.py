@@ -98,7 +98,8 @@ def read_cifar100(src: str | Path) -> Cifar100:
             images = d["data"]
             if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 2
                     and images.shape[1] == 3 * 32 * 32):
-                found = f"{images.dtype} {list(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
+                found = (f"{images.dtype} {list(images.shape)}" if isinstance(images, np.ndarray)
+                         else type(images).__name__)
                 raise DataError(f"{where}: data must be uint8 [N, 3072] (32x32 RGB images), found {found}")
             fine = safe_pickle.integers(d["fine_labels"], f"{where}: fine_labels", len(images), 100)
             coarse = safe_pickle.integers(d["coarse_labels"], f"{where}: coarse_labels", len(images), 20)

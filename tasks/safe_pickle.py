@@ -59,8 +59,8 @@ def load(file: IO[bytes], where: str, what: str) -> Any:
         return _Restricted(file, encoding="latin1").load()
     except _Refused as e:
         raise DataError(f"{where} is not a {what} pickle: {e}; convert only the official files") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError, OverflowError,
-            OSError, zlib.error, tarfile.TarError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            MemoryError, OverflowError, OSError, zlib.error, tarfile.TarError) as e:
         reason = (str(e).splitlines() or [""])[0] or type(e).__name__
         raise DataError(f"{where} is not a readable {what} pickle (truncated or damaged: {reason}); "
                         "download it again") from None
@@ -73,7 +73,8 @@ def mapping(value: Any, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
     out = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in value.items()}
     missing = [k for k in keys if k not in out]
     if missing:
-        raise DataError(f"{where}: the dict lacks {', '.join(missing)} (it has {', '.join(map(str, out)) or 'nothing'})")
+        has = ", ".join(map(str, out)) or "nothing"
+        raise DataError(f"{where}: the dict lacks {', '.join(missing)} (it has {has})")
     return out
 
 

@@ -80,7 +80,8 @@ def _folder(src: Path) -> Path:
                         f"; {hint}")
     if not (src / "train_labels.pkl").exists() and (src / "tiered-imagenet").is_dir():
         src = src / "tiered-imagenet"
-    missing = [f"{s}_{kind}.pkl" for s in SPLITS for kind in ("images_png", "labels") if not (src / f"{s}_{kind}.pkl").is_file()]
+    missing = [f"{s}_{kind}.pkl" for s in SPLITS for kind in ("images_png", "labels")
+               if not (src / f"{s}_{kind}.pkl").is_file()]
     if missing:
         raise DataError(f"tieredImageNet source {src} has no {', '.join(missing)}; {hint}")
     return src

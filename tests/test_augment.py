@@ -66,8 +66,9 @@ def reference_affine(img: np.ndarray, angle: float, shear: float, scale: float, 
         for x in range(w):
             sx, sy, _ = inverse @ [x, y, 1]
             x0, y0 = math.floor(sx), math.floor(sy)
-            for yy, xx, weight in ((y0, x0, (1 - (sy - y0)) * (1 - (sx - x0))), (y0, x0 + 1, (1 - (sy - y0)) * (sx - x0)),
-                                   (y0 + 1, x0, (sy - y0) * (1 - (sx - x0))), (y0 + 1, x0 + 1, (sy - y0) * (sx - x0))):
+            fy, fx = sy - y0, sx - x0
+            for yy, xx, weight in ((y0, x0, (1 - fy) * (1 - fx)), (y0, x0 + 1, (1 - fy) * fx),
+                                   (y0 + 1, x0, fy * (1 - fx)), (y0 + 1, x0 + 1, fy * fx)):
                 if 0 <= yy < h and 0 <= xx < w:
                     out[:, y, x] += weight * img[:, yy, xx]
     return out
@@ -103,7 +104,8 @@ def test_batching_never_changes_a_bit(channels):
     x = images(37, channels, 12, 12)
     d = EVERYTHING.draw(np.random.default_rng(5), 37)
     whole = EVERYTHING.apply(x, d)
-    one_by_one = np.concatenate([EVERYTHING.apply(x[i:i + 1], {k: v[i:i + 1] for k, v in d.items()}) for i in range(37)])
+    one_by_one = np.concatenate([EVERYTHING.apply(x[i:i + 1], {k: v[i:i + 1] for k, v in d.items()})
+                                 for i in range(37)])
     assert np.array_equal(whole, one_by_one)
     assert whole.dtype == np.float32 and whole.min() >= 0 and whole.max() <= 1
     assert np.array_equal(x, images(37, channels, 12, 12))  # the input is untouched

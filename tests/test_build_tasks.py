@@ -16,6 +16,7 @@ from tasks.store import DataError
 from tasks.store_writer import StoreWriter
 
 SHAPE = (1, 16, 16)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,9 @@ def test_a_head_written_from_the_support_set_trains_at_one_n_way_and_evaluates_a
 def test_an_algorithm_with_a_head_in_theta_must_train_at_the_evaluation_n_way(store):
     maml = {"name": "maml", "inner_steps": 1}
     with pytest.raises(ConfigError, match=r"^task\.train\.n_way: 6 differs from task\.n_way=3, but maml meta-learns "
-                                          r"an n_way-sized head \(head\.weight is \[3, 4\] for evaluation\); train with "
-                                          r"task\.n_way, or use an algorithm that writes its head from each support set$"):
+                                          r"an n_way-sized head \(head\.weight is \[3, 4\] for evaluation\); "
+                                          r"train with task\.n_way, or use an algorithm that writes its head from "
+                                          r"each support set$"):
         check_tasks(config(store, {"train": {"n_way": 6}}, maml))
     check_tasks(config(store, {"train": {"n_way": 3, "k_shot": 2}}, maml))
     assert ParamSpec.of(build_algorithm(config(store, {}, maml), "train").init_params(0)).numel > 0
@@ -96,8 +98,7 @@ def test_augmentation_changes_training_pixels_and_is_off_at_evaluation_unless_as
 
 def test_within_group_from_the_config_for_both_or_for_evaluation_only(store):
     def groups(tasks, split_ids):
-        return [len({n.split("/")[0] for n in (tasks.store.class_names[c] for c, _ in tasks.episode_classes(split_ids, i))})
-                for i in split_ids.indices]
+        return [len({tasks.store.groups[c] for c, _ in tasks.episode_classes(split_ids, i)}) for i in split_ids.indices]
 
     ids = EpisodeIds(0, 0, tuple(range(20)))
     both = config(store, {"within_group": True})

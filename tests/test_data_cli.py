@@ -75,7 +75,8 @@ def test_cifar_and_tiered_sources_and_their_bad_input(tmp_path, capsys):
                  "--size", "16"]) == 0
     assert ImageStore.open(tmp_path / "fc.arrow").image_shape == (3, 16, 16)
     tiered(tmp_path / "tiered-imagenet", {"train": {"n1": "a"}, "val": {"n2": "b"}, "test": {"n3": "c"}}, size=84)
-    assert main(["data", "convert", "tieredimagenet", str(tmp_path / "tiered-imagenet"), str(tmp_path / "t.arrow")]) == 0
+    tiered_src = str(tmp_path / "tiered-imagenet")
+    assert main(["data", "convert", "tieredimagenet", tiered_src, str(tmp_path / "t.arrow")]) == 0
     assert ImageStore.open(tmp_path / "t.arrow").image_shape == (3, 84, 84)
     capsys.readouterr()
 
