@@ -98,8 +98,8 @@ class TrainEpisodes(Strict):
     """Training episodes where they differ from evaluation's; evaluation uses the task's own shape.
 
     ProtoNet trains Omniglot 60-way for 20-way tests, MetaOptNet 15-shot for 1-shot tests. An algorithm whose
-    head is in θ (MAML and kin) must train with the evaluation n_way; one that writes its head from each support
-    set (ProtoNet, MetaOptNet) may not. Unset keys follow the task's.
+    head is in θ (MAML and kin) must train with the evaluation n_way (checked at run start); one that writes its
+    head from each support set (ProtoNet, MetaOptNet) need not. Unset keys follow the task's.
     """
 
     n_way: PositiveInt | None = None
@@ -153,7 +153,7 @@ class AugmentConfig(Strict):
     """Also augment evaluation (and validation) episodes; training only by default."""
 
     @model_validator(mode="after")
-    def _something(self) -> "AugmentConfig":
+    def _augments_something(self) -> "AugmentConfig":
         if not (self.support or self.query):
             raise _KeyError(None, "support and query are both false: nothing would be augmented; remove the section")
         if not (self.crop_padding or self.flip or self.jitter or self.affine):
