@@ -1,6 +1,7 @@
 """Config validation and the CLI's handling of user mistakes (exit 2, one line naming the key)."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -97,3 +98,12 @@ def test_missing_and_unparsable_config_files(tmp_path, capsys):
     bad.write_text("outer: [1, 2\n")
     assert main(["train", str(bad)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.run.name == path.stem  # a run folder named after its config
