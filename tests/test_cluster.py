@@ -176,7 +176,8 @@ def strict(schema):
     if not isinstance(schema, dict):
         return schema
     out = {k: strict(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    open_ended = "additionalProperties" in out or out.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in out and not open_ended:
         out["additionalProperties"] = False
     return out
 
@@ -199,22 +200,25 @@ def manifest(kind: str, path: str) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("kind, path, edit, where", [
-    ("RayCluster", "kuberay/raycluster.yaml", lambda d: d["spec"]["workerGroupSpecs"][0].update(minReplica=0),
-     "spec.workerGroupSpecs.0"),  # a misspelt field
-    ("RayCluster", "kuberay/raycluster.yaml", lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update(
-        {"num-cpus": 0}), "spec.headGroupSpec.rayStartParams.num-cpus"),  # rayStartParams are strings
-    ("RayCluster", "kuberay/raycluster.yaml", lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"][
-        "containers"][0]["resources"]["limits"].update(memory="32 GiB"),
-     "spec.workerGroupSpecs.0.template.spec.containers.0.resources.limits.memory"),  # not a quantity
-    ("RayJob", "kuberay/rayjob.yaml", lambda d: d["spec"].update(shutdownAfterJobFinishes="true"),
-     "spec.shutdownAfterJobFinishes"),  # a string, not a boolean
-    ("RayJob", "kuberay/rayjob.yaml", lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].pop("template"),
-     "spec.rayClusterSpec.headGroupSpec"),
+def _worker_limits(doc: dict) -> dict:
+    return doc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+@pytest.mark.parametrize("kind, edit, where", [
+    pytest.param("RayCluster", lambda d: d["spec"]["workerGroupSpecs"][0].update(minReplica=0),
+                 "spec.workerGroupSpecs.0", id="misspelt-field"),
+    pytest.param("RayCluster", lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+                 "spec.headGroupSpec.rayStartParams.num-cpus", id="rayStartParams-not-a-string"),
+    pytest.param("RayCluster", lambda d: _worker_limits(d).update(memory="32 GiB"),
+                 "spec.workerGroupSpecs.0.template.spec.containers.0.resources.limits.memory", id="not-a-quantity"),
+    pytest.param("RayJob", lambda d: d["spec"].update(shutdownAfterJobFinishes="true"),
+                 "spec.shutdownAfterJobFinishes", id="string-for-boolean"),
+    pytest.param("RayJob", lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].pop("template"),
+                 "spec.rayClusterSpec.headGroupSpec", id="required-field-missing"),
 ])
-def test_the_crd_schema_rejects_broken_manifests(kind, path, edit, where):
+def test_the_crd_schema_rejects_broken_manifests(kind, edit, where):
     """The check above can fail: each edit breaks one rule of the real schema, reported at its path."""
-    doc = load(path)
+    doc = load(f"kuberay/{kind.lower()}.yaml")
     edit(doc)
     paths = {".".join(map(str, e.absolute_path)) for e in crd_validator(kind).iter_errors(doc)}
     assert paths == {where}, paths
