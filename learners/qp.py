@@ -31,6 +31,7 @@ stepped at once:
    KKT error is lower. Measured at tol 1e-8: 9-13 steps at 5-way 1- and 5-shot.
 
 Where both apply they agree to rounding; ``method="interior_point"`` skips step 1.
+``QPResult.by_active_set`` marks the tasks step 1 solved.
 
 Backward: implicit differentiation of the KKT conditions (as OptNet does). The
 adjoint system has the same block structure as a Newton step. For a polished
@@ -46,8 +47,9 @@ puts a NaN into a meta-batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -186,7 +188,7 @@ class _Problem(_Tasks):
 
 
 @dataclass
-class Iterate(_Tasks):
+class _Iterate(_Tasks):
     """A primal-dual point per task, x [T,S,N], slack s = U - x, multipliers nu [T,S] and lam, and its KKT error [T]."""
 
     x: Tensor
@@ -200,7 +202,7 @@ class Iterate(_Tasks):
 class _Solution(_Tasks):
     """What the forward hands to the backward: the point and, per task, how it was found."""
 
-    point: Iterate
+    point: _Iterate
     polished: Tensor  # [T] bool: point is the exact solution for ``active``
     active: Tensor  # [T,S,N] bool: the bounds pinned (meaningful where polished)
     iters: Tensor  # [T] steps taken
@@ -286,7 +288,7 @@ def _direction(f: _Factor, res: _Residuals, s: Tensor, lam: Tensor, r_c: Tensor)
     return _Direction(dx, ds, dnu, (-r_c - lam * ds) / s)
 
 
-def _interior_point(qp: _Problem, max_iter: int, tol: float) -> tuple[Iterate, Tensor]:
+def _interior_point(qp: _Problem, max_iter: int, tol: float) -> tuple[_Iterate, Tensor]:
     """Mehrotra predictor-corrector on the whole batch (no autograd): each task's best iterate, and its step count."""
     P, R, U, b = qp.P, qp.R, qp.U, qp.b
     # Start: the Newton point from x = 0 with D = I (a regularized least-squares fit), s and lam shifted inside.
@@ -302,13 +304,13 @@ def _interior_point(qp: _Problem, max_iter: int, tol: float) -> tuple[Iterate, T
     s, lam = s + _col(0.5 * sl / sum_lam), lam + _col(0.5 * sl / sum_s)
     s, lam = s.clamp(min=torch.finfo(s.dtype).eps), lam.clamp(min=torch.finfo(s.dtype).eps)
     frozen = ~f.ok
-    best: Iterate | None = None
+    best: _Iterate | None = None
     iters = torch.zeros(R.shape[0], dtype=torch.long, device=R.device)
     for it in range(max_iter + 1):
         res = _residuals(qp, x, s, nu, lam)
         err = _error(qp, x, s, nu, lam, res).masked_fill(frozen, float("inf"))
         frozen |= err.isinf()
-        point = Iterate(x, s, nu, lam, err)
+        point = _Iterate(x, s, nu, lam, err)
         best = point if best is None else point.where(err < best.err, best)
         move = ~frozen & (err > tol)
         if it == max_iter or not bool(move.any()):
@@ -333,7 +335,7 @@ def _interior_point(qp: _Problem, max_iter: int, tol: float) -> tuple[Iterate, T
     return best, iters
 
 
-def _active_set(point: Iterate, P: Tensor) -> Tensor:
+def _active_set(point: _Iterate, P: Tensor) -> Tensor:
     """Entries at their bound: multiplier large against the slack, both measured on their own scale."""
     tiny = torch.finfo(point.x.dtype).tiny
     p_scale = torch.maximum(_amax(point.x), _amax(point.s)).clamp(min=tiny)
@@ -346,7 +348,7 @@ def _big(P: Tensor) -> Tensor:
     return _col(P.diagonal(dim1=1, dim2=2).amax(1) / torch.finfo(P.dtype).eps)
 
 
-def _pinned_solve(qp: _Problem, active: Tensor) -> Iterate:
+def _pinned_solve(qp: _Problem, active: Tensor) -> _Iterate:
     """The QP solved with exactly the ``active`` entries at their bounds.
 
     Pinning by the diagonal weight ``_big`` makes it one block factorization, like a Newton step.
@@ -365,7 +367,7 @@ def _pinned_solve(qp: _Problem, active: Tensor) -> Iterate:
                                (-lam).clamp(min=0).flatten(1).amax(1) / _amax(px).clamp(min=tiny))
     s = s.clamp(min=0)
     err = torch.maximum(_error(qp, x, s, nu, lam, _residuals(qp, x, s, nu, lam)), infeasible.nan_to_num(float("inf")))
-    return Iterate(x, s, nu, lam, err.masked_fill(~f.ok, float("inf")))
+    return _Iterate(x, s, nu, lam, err.masked_fill(~f.ok, float("inf")))
 
 
 def _active_set_steps(qp: _Problem, max_iter: int, tol: float) -> _Solution:
@@ -381,7 +383,7 @@ def _active_set_steps(qp: _Problem, max_iter: int, tol: float) -> _Solution:
     active = torch.zeros_like(qp.R, dtype=torch.bool)
     iters = torch.zeros(T, dtype=torch.long, device=qp.R.device)
     todo = torch.arange(T, device=qp.R.device)
-    out: Iterate | None = None
+    out: _Iterate | None = None
     for _ in range(max_iter):
         # Only the tasks still moving are solved again: a few stragglers cost a few factorizations.
         sub, A = (qp, active) if len(todo) == T else (qp.index(todo), active[todo])
@@ -402,7 +404,7 @@ def _active_set_steps(qp: _Problem, max_iter: int, tol: float) -> _Solution:
     return _Solution(out, polished=done, active=active, iters=iters, by_active_set=done.clone())
 
 
-def _polish(qp: _Problem, point: Iterate, iters: Tensor) -> _Solution:
+def _polish(qp: _Problem, point: _Iterate, iters: Tensor) -> _Solution:
     """Pin the active set the interior point found (``_pinned_solve``); keep that solution where it is better.
 
     One more block factorization gives the exact solution whenever the interior point has found
