@@ -87,9 +87,9 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
             tracker.log_artifact(cfg.run_dir / "config.yaml")
 
             def save() -> None:
+                tracker.flush()  # first: every metric the checkpoint covers is durable before it exists
                 checkpoint.save(cfg.run_dir / checkpoint.FILENAME, cfg, learner=learner.state_dict(),
                                 faults=group.faults.state_dict(), tracker=tracker.state_dict())
-                tracker.flush()  # what the checkpoint covers is recorded even if this process dies next
 
             first_step = learner.step
             try:
@@ -125,10 +125,9 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
     finally:
         if group is not None:
             group.close()
-        unsent = tracker.close(status)
-        if unsent:
-            print(f"tracking: {unsent} metrics are waiting in {cfg.run_dir} for the store; --resume sends them",
-                  file=out)
+        undelivered = tracker.close(status)
+        if undelivered:
+            print(undelivered, file=out)
 
 
 def _starting_point(cfg: Config, resume: bool, out) -> checkpoint.Checkpoint | None:
@@ -173,7 +172,7 @@ def _log_artifacts(cfg: Config, algorithm, learner: CentralLearner, tracker, his
         tracker.log_artifact(cfg.run_dir / checkpoint.FILENAME, "checkpoint")
     if cfg.tracking.log_model:
         module, example = algorithm.export(learner.params, _eval_batch(cfg, 1))
-        tracker.log_model(module, example.numpy())
+        tracker.log_model(module, example.numpy(), step=learner.step)
 
 
 def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.stdout) -> Results:
@@ -182,7 +181,7 @@ def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.std
     cfg = cfg or ckpt.config
     algorithm = build_algorithm(cfg)
     checkpoint.check_params(ckpt, algorithm.init_params(0))
-    tracker = open_tracker(cfg, command="eval", run_dir=ckpt.path.parent)
+    tracker = open_tracker(cfg, command="eval", run_dir=ckpt.path.parent, evaluates=ckpt.tracker.get("run_id"))
     status, group = "FAILED", None
     try:
         tracker.log_params({**cfg.flat(), "eval.checkpoint": str(ckpt.path), "eval.checkpoint_step": ckpt.step})
@@ -198,7 +197,9 @@ def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.std
     finally:
         if group is not None:
             group.close()
-        tracker.close(status)
+        undelivered = tracker.close(status)
+        if undelivered:
+            print(undelivered, file=out)
 
 
 def _eval_batch(cfg: Config, n: int):
