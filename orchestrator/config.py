@@ -210,7 +210,7 @@ class TrackingConfig(Strict):
     max_buffered_metrics: PositiveInt = 100_000
     """Most metrics the writer process holds in memory (it reads the run's metric log on disk in chunks)."""
     close_timeout_s: NonNegativeFloat = 120.0
-    """At the end of a run, how long to wait for an unreachable store before leaving what is undelivered in the run folder."""
+    """At the end of a run, how long to wait for an unreachable store before leaving the rest in the run folder."""
     plots: bool = True
     log_model: bool = True
     log_checkpoint: bool = True

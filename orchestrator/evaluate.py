@@ -114,7 +114,8 @@ def divergence(by_step: dict[int, Score]) -> str:
     if not parts:
         return ""
     (s, d, total), rest = parts[0], parts[1:]
-    return ", ".join([f"{d} of {total} held-out tasks diverged at {_steps(s)}"] + [f"{d} at {_steps(s)}" for s, d, _ in rest])
+    words = [f"{d} of {total} held-out tasks diverged at {_steps(s)}"] + [f"{d} at {_steps(s)}" for s, d, _ in rest]
+    return ", ".join(words)
 
 
 def _steps(n: int) -> str:

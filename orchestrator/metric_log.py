@@ -23,6 +23,9 @@ from pathlib import Path
 
 log = logging.getLogger("metaray")
 SEGMENT_BYTES = 16 * 2**20
+# One encoder for every line (json.dumps with an argument makes a new one per call). default=float takes
+# numpy float32 values; floats round-trip exactly, NaN and inf included.
+_encode = json.JSONEncoder(default=float).encode
 Line = tuple[int, int, dict[str, float]]  # step, timestamp_ms, metrics
 
 
@@ -60,8 +63,7 @@ class MetricLog:
         """Hand the appended lines to the OS (a crash of this process no longer loses them)."""
         if not self._pending:
             return
-        # default=float: numpy float32 values; floats round-trip exactly through repr, NaN/inf included.
-        data = "".join(json.dumps(line, default=float) + "\n" for line in self._pending).encode()
+        data = "".join([_encode(line) + "\n" for line in self._pending]).encode()
         self._pending = []
         try:
             if self._size and self._size + len(data) > SEGMENT_BYTES:

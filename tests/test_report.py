@@ -72,7 +72,8 @@ def test_a_run_whose_every_step_diverged_finishes_and_says_so(tmp_path, mlflow_s
 
 
 def test_learning_curves_draw_what_exists():
-    fig = learning_curves({"inner/loss_before": [1.0, 0.5, float("nan"), 0.25], "orchestrator/skipped_steps": [0, 0, 1, 1]}, 0)
+    history = {"inner/loss_before": [1.0, 0.5, float("nan"), 0.25], "orchestrator/skipped_steps": [0, 0, 1, 1]}
+    fig = learning_curves(history, 0)
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ["inner/loss_before"]
     empty = learning_curves({"orchestrator/skipped_steps": [1.0, 2.0]}, 0)
     assert "2 steps skipped" in empty.axes[0].texts[0].get_text()

@@ -9,20 +9,18 @@ import time
 import urllib.request
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric
 
 from orchestrator import checkpoint, metric_log
 from orchestrator.cli import main
 from orchestrator.delivery import Delivery, mlflow_delivery
 from orchestrator.metric_log import MetricLog
 from orchestrator.metric_writer import MetricProcess
-from orchestrator.run import evaluate_checkpoint, train
+from orchestrator.run import train
 from orchestrator.sweep import sweep
-from orchestrator.tracking import EXPERIMENT_KIND, MODEL_TRAINING
+from orchestrator.tracking import EXPERIMENT_KIND, MODEL_TRAINING, register
 
 from conftest import tiny_config
 from mlflow_server import MlflowServer, free_port
@@ -103,7 +101,9 @@ def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
     assert {m.step for m in maml_model.metrics} == {6} and not any(k.startswith("meta/") for k in linked)
     (version,) = client.search_model_versions("name = 'sine-maml'")
     assert version.source == f"models:/{maml_model.model_id}" and version.run_id == results[0].run_id
-    assert not client.search_model_versions("name = 'reptile-run'")
+    assert register(server.url, results[1].run_id, "sine-reptile") == "1"  # after the fact, e.g. from the CLI
+    (version,) = client.search_model_versions("name = 'sine-reptile'")
+    assert version.source == f"models:/{models['reptile-run'].model_id}"
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(server.url)
     try:
