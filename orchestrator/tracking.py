@@ -305,7 +305,7 @@ def register(uri: str, run_id: str, name: str) -> str:
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run_id}'", output_format="list")
+                                         filter_string=f"source_run_id = '{run_id}'")
     if not models:
         raise TrackingError(f"MLflow run {run_id} has no logged model to register")
     latest = max(models, key=lambda m: m.creation_timestamp)

@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 
 from orchestrator import checkpoint, metric_log
 from orchestrator.cli import main
@@ -31,7 +32,7 @@ PER_STEP = ("meta/loss", "inner/loss_before", "inner/loss_after", "perf/tasks_pe
 
 @pytest.fixture
 def server(tmp_path):
-    srv = MlflowServer(tmp_path).start()
+    srv = MlflowServer(tmp_path).start(timeout_s=300)  # a busy machine starts it slowly
     yield srv
     srv.stop()
 
@@ -95,7 +96,7 @@ def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
     models = {m.name: m for m in client.search_logged_models([exp.experiment_id])}
     assert set(models) == {"maml-run", "reptile-run"}
     maml_model = models["maml-run"]
-    assert maml_model.source_run_id == results[0].run_id and maml_model.status.to_string() == "READY"
+    assert maml_model.source_run_id == results[0].run_id and maml_model.status == LoggedModelStatus.READY
     linked = {m.key: m for m in maml_model.metrics}
     assert linked["eval/test/loss_step1"].value == pytest.approx(results[0].results["test"]["loss"][1].mean)
     assert {m.step for m in maml_model.metrics} == {6} and not any(k.startswith("meta/") for k in linked)
