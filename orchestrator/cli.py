@@ -4,6 +4,7 @@
     metaray eval RUN_DIR_OR_CHECKPOINT [--set eval.tasks=1000 ...]
     metaray sweep CONFIG [CONFIG ...] [--set ...] [--grid 'key=[v1, v2]' ...] [--experiment NAME]
     metaray ui [--port 5000]
+    metaray deliver RUN_DIR
 
 User mistakes (bad config, unusable checkpoint or tracking store) print one
 line and exit 2.
@@ -24,7 +25,7 @@ from orchestrator.errors import RunFailed
 from orchestrator.interrupts import Interrupted
 from orchestrator.run import evaluate_checkpoint, train
 from orchestrator.sweep import sweep
-from orchestrator.tracking import DEFAULT_URI, TrackingError
+from orchestrator.tracking import DEFAULT_URI, TrackingError, deliver
 from tasks.store import DataError
 
 USER_ERRORS = (ConfigError, CheckpointError, TrackingError, DataError)
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("ui", help="serve the MLflow UI for the tracking store on 127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--uri", help=f"tracking store (default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI})")
+    d = sub.add_parser("deliver", help="send to MLflow what a run kept in its folder while the store was down")
+    d.add_argument("run_dir", help="a run folder (runs/NAME)")
     data_cli.add_parser(sub)
     return p
 
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             sweep(args.configs, args.overrides, args.grid, args.experiment, args.name)
         elif args.command == "ui":
             return _ui(args)
+        elif args.command == "deliver":
+            return 0 if deliver(args.run_dir) == 0 else 1
         elif args.command == "data":
             return data_cli.run(args)
     except USER_ERRORS as e:

@@ -299,12 +299,16 @@ class TrackingConfig(Strict):
     flush_every_s: PositiveFloat = 2.0
     """Metrics are sent in batches at this period (asynchronously)."""
     max_buffered_metrics: PositiveInt = 100_000
-    """Metrics kept in memory while the store is unreachable; older ones spill to a file in the run folder."""
+    """Most metrics the writer process holds in memory (it reads the run's metric log on disk in chunks)."""
     close_timeout_s: NonNegativeFloat = 120.0
-    """At the end of a run, how long to wait for an unreachable store before leaving metrics in the spill file."""
+    """At the end of a run, how long to wait for an unreachable store before leaving the rest in the run folder."""
     plots: bool = True
     log_model: bool = True
     log_checkpoint: bool = True
+    system_metrics: bool = True
+    """CPU, memory, disk and network (GPUs with nvidia-ml-py) as system/* metrics, every 10 s."""
+    registered_model: str | None = Field(None, min_length=1)
+    """Register the final model under this name in the MLflow model registry (a new version per run)."""
 
 
 class RunConfig(Strict):

@@ -92,10 +92,10 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
             tracker.log_artifact(cfg.run_dir / "config.yaml")
 
             def save(name: str = checkpoint.FILENAME) -> None:
+                tracker.flush()  # first: every metric the checkpoint covers is durable before it exists
                 checkpoint.save(cfg.run_dir / name, cfg, learner=learner.state_dict(),
                                 faults=group.faults.state_dict(), tracker=tracker.state_dict(),
                                 selection=selection.state_dict() if selection else None)
-                tracker.flush()  # what the checkpoint covers is recorded even if this process dies next
 
             first_step = learner.step
             loop = _Loop(cfg, learner, group, tracker, selection, save, out)
@@ -121,7 +121,7 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
                     results, curves = evaluate_and_report(cfg, algorithm, group, theta, tracker, learner.step,
                                                           cfg.run_dir, out)
                     test_curve = mean_ci(curves["test"]["loss"])
-                _log_artifacts(cfg, algorithm, params, tracker, loop.history, first_step)
+                _log_artifacts(cfg, algorithm, params, tracker, loop.history, first_step, learner.step)
             except Interrupted:
                 print(f"interrupted after training: the checkpoint at step {learner.step} is complete; evaluate it "
                       f"with `metaray eval {cfg.run_dir}`", file=out)
@@ -139,10 +139,9 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
     finally:
         if group is not None:
             group.close()
-        unsent = tracker.close(status)
-        if unsent:
-            print(f"tracking: {unsent} metrics are waiting in {cfg.run_dir} for the store; --resume sends them",
-                  file=out)
+        undelivered = tracker.close(status)
+        if undelivered:
+            print(undelivered, file=out)
 
 
 def _starting_point(cfg: Config, resume: bool, out) -> checkpoint.Checkpoint | None:
@@ -204,14 +203,14 @@ class _Loop:
                   file=self.out, flush=True)
 
 
-def _log_artifacts(cfg: Config, algorithm, params: Params, tracker, history, first_step: int) -> None:
+def _log_artifacts(cfg: Config, algorithm, params: Params, tracker, history, first_step: int, step: int) -> None:
     if cfg.tracking.plots and history:
         tracker.log_figure(plots.learning_curves(history, first_step), "learning_curves")
     if cfg.tracking.log_checkpoint:
         tracker.log_artifact(cfg.run_dir / checkpoint.FILENAME, "checkpoint")
     if cfg.tracking.log_model:
         module, example = algorithm.export(params, _eval_batch(cfg, 1))
-        tracker.log_model(module, example.numpy())
+        tracker.log_model(module, example.numpy(), step=step)
 
 
 def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.stdout) -> Results:
@@ -220,7 +219,7 @@ def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.std
     cfg = cfg or ckpt.config
     algorithm = build_algorithm(cfg)
     checkpoint.check_params(ckpt, algorithm.init_params(0))
-    tracker = open_tracker(cfg, command="eval", run_dir=ckpt.path.parent)
+    tracker = open_tracker(cfg, command="eval", run_dir=ckpt.path.parent, evaluates=ckpt.tracker.get("run_id"))
     status, group = "FAILED", None
     try:
         tracker.log_params({**cfg.flat(), "eval.checkpoint": str(ckpt.path), "eval.checkpoint_step": ckpt.step})
@@ -236,7 +235,9 @@ def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.std
     finally:
         if group is not None:
             group.close()
-        tracker.close(status)
+        undelivered = tracker.close(status)
+        if undelivered:
+            print(undelivered, file=out)
 
 
 def _eval_batch(cfg: Config, n: int):
