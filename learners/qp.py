@@ -47,9 +47,8 @@ puts a NaN into a meta-batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import torch
 
@@ -94,8 +93,8 @@ def solve_qp(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int = 15, tol
     >>> T, S, N = 2, 4, 3
     >>> P = torch.eye(S).expand(T, S, S); R = -torch.ones(T, S, N)
     >>> res = solve_qp(P, R, U=torch.full((T, S, N), 0.5), b=torch.zeros(T, S))
-    >>> bool(res.ok.all()), res.by_active_set.tolist()
-    (True, [True, True])
+    >>> bool(res.ok.all())
+    True
     """
     if P.dim() != 3 or P.shape[1] != P.shape[2]:
         raise ValueError(f"P must be [T, S, S], got {tuple(P.shape)}")
@@ -150,27 +149,26 @@ def _col(t: Tensor) -> Tensor:
 
 
 class _Tasks:
-    """For dataclasses whose fields are all [T, ...] tensors (or such dataclasses): select, gather and scatter tasks."""
+    """For dataclasses whose fields are all [T, ...] tensors (or such dataclasses): select, gather and scatter tasks.
 
-    def _map(self, fn: Callable[..., Tensor], *others: _Tasks):
-        def one(mine, *theirs):
-            return mine._map(fn, *theirs) if isinstance(mine, _Tasks) else fn(mine, *theirs)
+    ``other`` is always a batch of the same type, so fields pair up by name; no caller depends on their order.
+    """
 
-        return type(self)(**{f.name: one(getattr(self, f.name), *(getattr(o, f.name) for o in others))
-                             for f in fields(self)})
+    def _fields(self) -> list:
+        return [getattr(self, name) for name in self.__dataclass_fields__]  # cheaper than dataclasses.fields
 
-    def where(self, mask: Tensor, other):
+    def where(self, mask: Tensor, other: Self) -> Self:
         """This batch on the tasks where ``mask`` [T] holds, ``other`` on the rest."""
-        return self._map(lambda a, b: torch.where(_per_task(mask, a), a, b), other)
+        return type(self)(*(a.where(mask, b) if isinstance(a, _Tasks) else torch.where(_per_task(mask, a), a, b)
+                            for a, b in zip(self._fields(), other._fields())))
 
-    def index(self, tasks: Tensor):
+    def index(self, tasks: Tensor) -> Self:
         """The sub-batch of ``tasks`` (indices)."""
-        return self._map(lambda a: a[tasks])
+        return type(self)(*(a.index(tasks) if isinstance(a, _Tasks) else a[tasks] for a in self._fields()))
 
-    def assign(self, tasks: Tensor, other) -> None:
+    def assign(self, tasks: Tensor, other: Self) -> None:
         """Write ``other`` (a batch of ``len(tasks)``) over ``tasks``, in place."""
-        for f in fields(self):
-            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+        for mine, theirs in zip(self._fields(), other._fields()):
             if isinstance(mine, _Tasks):
                 mine.assign(tasks, theirs)
             else:
@@ -210,6 +208,8 @@ class _Solution(_Tasks):
 
 
 class _Residuals(NamedTuple):
+    """The KKT residuals of a point (``_residuals``)."""
+
     px: Tensor  # P x
     dual: Tensor  # stationarity: P x + R + nu 1^T + lam
     eq: Tensor  # row sums: X 1 - b
@@ -225,6 +225,8 @@ class _Factor(NamedTuple):
 
 
 class _Direction(NamedTuple):
+    """A Newton step: changes of x, s, nu and lam."""
+
     x: Tensor
     s: Tensor
     nu: Tensor
@@ -325,12 +327,12 @@ def _interior_point(qp: _Problem, max_iter: int, tol: float) -> tuple[_Iterate, 
         sigma = (mu_aff / mu).clamp(0, 1) ** 3
         d = _direction(f, res, s, lam, s * lam + aff.s * aff.lam - _col(sigma * mu))  # corrector
         a = 0.99 * torch.minimum(_max_step(s, d.s), _max_step(lam, d.lam))
-
-        def stepped(t: Tensor, dt: Tensor) -> Tensor:
-            # Tasks that do not move keep their point (their directions may hold inf or NaN).
-            return torch.where(_per_task(move, t), t + _per_task(a, t) * dt, t)
-
-        x, s, nu, lam = stepped(x, d.x), stepped(s, d.s), stepped(nu, d.nu), stepped(lam, d.lam)
+        # Tasks that do not move keep their point (their directions may hold inf or NaN).
+        moving, step = _col(move), _col(a)
+        x = torch.where(moving, x + step * d.x, x)
+        s = torch.where(moving, s + step * d.s, s)
+        lam = torch.where(moving, lam + step * d.lam, lam)
+        nu = torch.where(move.view(-1, 1), nu + a.view(-1, 1) * d.nu, nu)
         iters += move.long()
     return best, iters
 
