@@ -28,11 +28,12 @@ from tasks.sine import SineTasks
 # vmap for Conv-4 (ProtoNet, FOMAML, ANIL, MAML alike).
 AUTO_STRATEGY = {"mlp": "vmap", "conv4": "loop", "resnet12": "loop"}
 
-Split = Literal["train", "eval"]
+Split = Literal["train", "val", "eval"]
 
 
 def build_tasks(task: TaskConfig, split: Split = "train") -> TaskSource:
-    """Episodes of ``split``: the classes meta-training may see, or the held-out ones (images)."""
+    """Episodes of ``split``: the classes meta-training may see, the validation classes, or the held-out
+    ones of the final evaluation (``task.eval_split``) (images; sine tasks have one distribution)."""
     if isinstance(task, SineTaskConfig):
         return SineTasks(**task.model_dump(exclude={"family"}))
     if isinstance(task, ImageTaskConfig):
@@ -44,7 +45,7 @@ def build_tasks(task: TaskConfig, split: Split = "train") -> TaskSource:
         store = ImageStore.open(task.store)
         s = task.split
         classes = split_classes(store, by=s.by, train=s.train, val=s.val, test=s.test, seed=s.seed)
-        name = "train" if split == "train" else task.eval_split
+        name = task.eval_split if split == "eval" else split
         return FewShotTasks(store, task.n_way, task.k_shot, task.query, getattr(classes, name), rotations=task.rotations)
     raise ValueError(f"no task source for family {task.family!r}")
 

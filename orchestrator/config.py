@@ -32,6 +32,7 @@ from pydantic import (
 
 from learners.registry import AlgorithmConfig, variant, variants
 from orchestrator.errors import one_line
+from orchestrator.schedule import SCHEDULE_KINDS, ConstantSchedule, CosineSchedule, Schedule
 
 
 class ConfigError(ValueError):
@@ -144,6 +145,13 @@ class OuterConfig(Strict):
     """Tasks per meta-step."""
     steps: NonNegativeInt = 20000
     """Meta-steps in total (a resumed run continues up to this)."""
+    schedule: Schedule = ConstantSchedule()
+    """How lr changes with the meta-step: {kind: constant}, {kind: step, milestones: [...], gamma},
+    {kind: exponential, every, gamma}, {kind: cosine, warmup_steps, min_lr, total_steps}."""
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of meta-step ``step``."""
+        return self.schedule.rate(self.lr, step, self.steps)
 
 
 class WorkersConfig(Strict):
@@ -197,6 +205,16 @@ class EvalConfig(Strict):
     """Extra evaluations on task variants, as overrides of ``task`` (e.g. support_x_range: [0, 5])."""
     batch_tasks: PositiveInt = 100
     """Episodes per worker call during evaluation."""
+    every: NonNegativeInt = 0
+    """Validate every this many meta-steps (0: never) on val_tasks fixed episodes of the val split (image
+    tasks: task.split.val; sine: their own seed stream), keep the best checkpoint (best.pt), and report the
+    final test evaluation on it."""
+    val_tasks: PositiveInt = 200
+    select: Literal["auto", "loss", "acc"] = "auto"
+    """The validation metric that picks the best checkpoint: query loss after max(steps) adaptation steps
+    (lower is better) or accuracy (higher); auto: acc for classification, else loss."""
+    patience: PositiveInt | None = None
+    """Stop training after this many validations without improvement (early stopping); None: never."""
 
 
 class TrackingConfig(Strict):
@@ -425,8 +443,10 @@ def _format(error: ValidationError, prefix: tuple, model: type[BaseModel], data:
     families = set(TASK_FAMILIES)
     for e in error.errors():
         loc = tuple(str(p) for p in e["loc"])
-        # Drop the union tag pydantic inserts after 'task' ('task', 'sine', 'k_shot'): users never write it.
-        key_loc = tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "task" and p in families))
+        # Drop the union tags pydantic inserts ('task', 'sine', 'k_shot'; 'schedule', 'step', ...): users never
+        # write them.
+        key_loc = tuple(p for i, p in enumerate(loc) if not (i and ((loc[i - 1] == "task" and p in families) or
+                                                                    (loc[i - 1] == "schedule" and p in SCHEDULE_KINDS))))
         ctx_error = (e.get("ctx") or {}).get("error")
         if isinstance(ctx_error, _KeyError):
             if ctx_error.key:
@@ -440,6 +460,11 @@ def _format(error: ValidationError, prefix: tuple, model: type[BaseModel], data:
             if loc[:-1] == ("algorithm",):
                 owners = sorted(n for n, m in variants().items() if loc[-1] in m.model_fields)
                 message += f"; it is a setting of {', '.join(owners)}" if owners else ""
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found") and loc[-1:] == ("schedule",):
+            key_loc = key_loc + ("kind",)
+            given = e["input"].get("kind") if isinstance(e["input"], dict) else None
+            message = (f"must be one of {', '.join(SCHEDULE_KINDS)}, got {given!r}" if given is not None
+                       else f"is required: one of {', '.join(SCHEDULE_KINDS)}")
         elif e["type"] == "union_tag_invalid":
             key_loc = key_loc + ("family",)
             message = f"unknown task family {e['ctx']['tag']!r} (allowed: {', '.join(TASK_FAMILIES)})"

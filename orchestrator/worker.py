@@ -100,9 +100,11 @@ class TaskWorker:
         result = self.meta_gradient(theta, ids)
         return replace(result, grad=np.empty(0, dtype=np.float32)), result.grad
 
-    def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None) -> EvalResult:
-        """Per-episode query loss (and metrics) after 0..``steps`` adaptation steps: ``[len(ids), steps + 1]``."""
-        batch = self._source("eval", probe).sample(ids).to(self.device)
+    def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None,
+                 split: str = "eval") -> EvalResult:
+        """Per-episode query loss (and metrics) after 0..``steps`` adaptation steps: ``[len(ids), steps + 1]``,
+        on episodes of ``split`` ("eval": the final evaluation's classes; "val": validation's)."""
+        batch = self._source(split, probe).sample(ids).to(self.device)
         out = adaptation_curves(self.algorithm, self._params(theta), batch, steps, lr)
         return EvalResult({k: v.detach().cpu().numpy() for k, v in out.items()}, self.incarnation)
 

@@ -32,6 +32,7 @@ import torch
 class Purpose(IntEnum):
     TRAIN = 0
     EVAL = 1
+    VAL = 2  # validation during training: fixed episodes of their own stream
 
 
 @dataclass(frozen=True)

@@ -95,5 +95,11 @@ def tiny_config(tmp_path, **sections) -> Config:
         "tracking": {"plots": False, "log_model": False, "log_checkpoint": False},
     }
     for section, values in sections.items():
-        data[section] = {**data.get(section, {}), **values}
+        base = data.get(section, {})
+        if section == "algorithm":  # keep only the defaults the chosen algorithm has
+            from learners.registry import variant
+
+            known = variant(values.get("name", "maml")).model_fields
+            base = {k: v for k, v in base.items() if k in known}
+        data[section] = {**base, **values}
     return parse_config(data)
