@@ -88,7 +88,6 @@ class TaskWorker:
             time.sleep(self._drill.seconds)  # a straggler: slow, but its result is still correct
         start = time.perf_counter()
         params = self._params(theta)
-        # Options annealed over meta-steps (MAML++) are the algorithm's: it configures itself for the step.
         algorithm = self.algorithm.for_step(ids.step) if hasattr(self.algorithm, "for_step") else self.algorithm
         summed = algorithm.meta_gradient(params, self._source("train").sample(ids).to(self.device))
         grad = self.spec.flatten(summed.grads).detach().cpu().numpy().astype(np.float32, copy=False)
