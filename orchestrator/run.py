@@ -22,7 +22,7 @@ import numpy as np
 from learners.params import ParamSpec, Params
 from orchestrator import checkpoint, plots
 from orchestrator.atomic import write_atomic
-from orchestrator.build import build_algorithm, build_tasks
+from orchestrator.build import build_algorithm, build_tasks, check_tasks
 from orchestrator.config import Config
 from orchestrator.evaluate import Results, mean_ci
 from orchestrator.group import make_group
@@ -147,8 +147,7 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
 
 def _starting_point(cfg: Config, resume: bool, out) -> checkpoint.Checkpoint | None:
     """The checkpoint to continue (checked against ``cfg``), or None for a new run; bad data fails here first."""
-    for split in ("train", "val", "eval") if cfg.eval.every else ("train", "eval"):
-        build_tasks(cfg.task, split)  # bad data (missing store, too few images) fails here, before anything starts
+    check_tasks(cfg, ("train", "val", "eval") if cfg.eval.every else ("train", "eval"))  # bad data fails here
     path = cfg.run_dir / checkpoint.FILENAME
     if not resume:
         if path.exists():

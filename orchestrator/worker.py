@@ -72,6 +72,8 @@ class TaskWorker:
         self.incarnation = uuid.uuid4().hex
         self.device = _device(self.cfg)
         self.algorithm = build_algorithm(self.cfg)
+        # Training episodes may have another n_way (task.train.n_way); a head written from the support set follows.
+        self.train_algorithm = build_algorithm(self.cfg, "train")
         self.spec = ParamSpec.of(self.algorithm.init_params(0))
         self._sources: dict[tuple[str, str | None], TaskSource] = {}
         # A restarted actor re-runs this constructor; a drill fires only in the first incarnation.
@@ -88,7 +90,8 @@ class TaskWorker:
             time.sleep(self._drill.seconds)  # a straggler: slow, but its result is still correct
         start = time.perf_counter()
         params = self._params(theta)
-        algorithm = self.algorithm.for_step(ids.step) if hasattr(self.algorithm, "for_step") else self.algorithm
+        algorithm = self.train_algorithm
+        algorithm = algorithm.for_step(ids.step) if hasattr(algorithm, "for_step") else algorithm
         summed = algorithm.meta_gradient(params, self._source("train").sample(ids).to(self.device))
         grad = self.spec.flatten(summed.grads).detach().cpu().numpy().astype(np.float32, copy=False)
         return TaskResult(grad, summed.stats, summed.tasks, summed.dropped, time.perf_counter() - start,

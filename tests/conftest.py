@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import pytest
@@ -80,6 +81,19 @@ def drill(monkeypatch):
 def flat(params) -> torch.Tensor:
     """A parameter dict as one vector, in its own order."""
     return torch.cat([v.reshape(-1) for v in params.values()])
+
+
+def assert_directional_derivative(loss, params, grads, seed: int, rel_tol: float, eps: float = 1e-6) -> None:
+    """<grads, d> equals the central finite difference of ``loss`` (a parameter dict -> float) along a random d.
+
+    ``d`` has one standard normal tensor per parameter, each drawn from a fresh generator seeded ``seed``.
+    """
+    direction = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(seed), dtype=v.dtype)
+                 for k, v in params.items()}
+    fd = (loss({k: params[k] + eps * direction[k] for k in params})
+          - loss({k: params[k] - eps * direction[k] for k in params})) / (2 * eps)
+    analytic = sum(float((grads[k] * direction[k]).sum()) for k in params)
+    assert math.isclose(analytic, fd, rel_tol=rel_tol), (analytic, fd)
 
 
 def tiny_config(tmp_path, **sections) -> Config:
