@@ -334,16 +334,6 @@ def test_export_holds_the_learned_inner_state():
                           MetaModel)
 
 
-@pytest.mark.parametrize("path", ["sine-metasgd.yaml", "sine-mamlpp.yaml", "sine-imaml.yaml",
-                                  "omniglot-metasgd-5w1s.yaml", "omniglot-mamlpp-5w1s.yaml",
-                                  "omniglot-imaml-5w1s.yaml"])
-def test_new_configs_parse(path):
-    cfg = load_config(CONFIGS / path)
-    assert cfg.algorithm.name in ("metasgd", "maml", "imaml")
-    if "mamlpp" in path:
-        assert cfg.algorithm.lslr and cfg.algorithm.multi_step_loss > 0
-
-
 @pytest.mark.parametrize("sets, key", [
     (["algorithm.name=metasgd", "eval.inner_lr=0.1"], "eval.inner_lr"),
     (["algorithm.lslr=true", "eval.inner_lr=0.1"], "eval.inner_lr"),
