@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 
 from learners.algorithm import Algorithm
-from learners.inner_loop import sgd
+from learners.inner_loop import fine_tuning_rule, inner_step
 from learners.params import Params
 from tasks.episode import EpisodeIds, Purpose
 from tasks.sine import SineTasks
@@ -107,15 +107,17 @@ def sine_fits(algorithm: Algorithm, params: Params, source: SineTasks, seed: int
     grid = torch.tensor(x, dtype=torch.float32)[:, None]
     fig = Figure(figsize=(12, 6), layout="constrained")
     axes = fig.subplots(2, (n_tasks + 1) // 2).ravel()
+    rule = fine_tuning_rule(algorithm, lr)
     for i, ax in enumerate(axes[:n_tasks]):
         sx, sy = batch.support_x[i], batch.support_y[i]
-        task = {k: v.detach() for k, v in algorithm.start(params, sx, sy).items()}
+        start = {k: v.detach() for k, v in algorithm.start(params, sx, sy).items()}
         ax.plot(x, SineTasks.curve(truth[i], x), "k-", lw=2, label="ground truth")
-        done = 0
+        task, done = start, 0
         for s in sorted(steps):
-            task = sgd(algorithm.predict, algorithm.objective, task, algorithm.tunable(task), sx, sy, s - done, lr,
-                       first_order=True)
-            task = {k: v.detach() for k, v in task.items()}
+            for step in range(done, s):  # the algorithm's own rule (learned rates), step by step
+                task = inner_step(algorithm.predict, algorithm.objective, start, task, algorithm.tunable(start),
+                                  sx, sy, step, rule, first_order=True)
+                task = {k: v.detach() for k, v in task.items()}
             done = s
             with torch.no_grad():
                 ax.plot(x, algorithm.predict(task, grid)[:, 0].numpy(), "--" if s == 0 else "-",

@@ -90,7 +90,9 @@ class TaskWorker:
             time.sleep(self._drill.seconds)  # a straggler: slow, but its result is still correct
         start = time.perf_counter()
         params = self._params(theta)
-        summed = self.train_algorithm.meta_gradient(params, self._source("train").sample(ids).to(self.device))
+        algorithm = self.train_algorithm
+        algorithm = algorithm.for_step(ids.step) if hasattr(algorithm, "for_step") else algorithm
+        summed = algorithm.meta_gradient(params, self._source("train").sample(ids).to(self.device))
         grad = self.spec.flatten(summed.grads).detach().cpu().numpy().astype(np.float32, copy=False)
         return TaskResult(grad, summed.stats, summed.tasks, summed.dropped, time.perf_counter() - start,
                           self.index, self.incarnation)
