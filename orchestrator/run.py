@@ -33,6 +33,7 @@ from orchestrator.tracking import open_tracker
 from tasks.episode import EpisodeIds, Purpose
 
 HISTORY_PREFIXES = ("meta/", "inner/", "orchestrator/")
+OnStep = Callable[[int, dict[str, float], Callable[[], None]], bool]
 
 
 @dataclass
@@ -66,8 +67,10 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdo
 
 
 def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: str | None,
-               should_stop: Callable[[], bool] | None) -> TrainResult:
-    """``train`` with the learner in this process."""
+               should_stop: Callable[[], bool] | None, on_step: OnStep | None = None) -> TrainResult:
+    """``train`` with the learner in this process. ``on_step(step, metrics, save)`` is called after every
+    meta-step (``save()`` writes the checkpoint now); when it returns True (a sweep's scheduler stopped the
+    trial) training ends there: the run is checkpointed and closed, but not evaluated."""
     ckpt = _starting_point(cfg, resume, out)
     algorithm = build_algorithm(cfg)
     # Opened before Ray starts: an unusable tracking store is reported before any work is done.
@@ -94,7 +97,7 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
             first_step = learner.step
             try:
                 with signals.graceful_section():
-                    history = _loop(cfg, learner, tracker, signals, save, out)
+                    history = _loop(cfg, learner, tracker, signals, save, out, on_step)
             except Interrupted:
                 save()
                 print(f"interrupted: checkpoint at step {learner.step} in {cfg.run_dir / checkpoint.FILENAME}; "
@@ -103,7 +106,7 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
             save()
             results, test_curve, theta = {}, None, learner.theta()
             try:
-                if evaluate:
+                if evaluate and learner.step == cfg.outer.steps:
                     results, curves = evaluate_and_report(cfg, algorithm, group, theta, tracker, learner.step,
                                                           cfg.run_dir, out)
                     test_curve = mean_ci(curves["test"]["loss"])
@@ -148,7 +151,7 @@ def _starting_point(cfg: Config, resume: bool, out) -> checkpoint.Checkpoint | N
 
 
 def _loop(cfg: Config, learner: CentralLearner, tracker, signals: StopSignals, save: Callable[[], None],
-          out) -> dict[str, list[float]]:
+          out, on_step: OnStep | None = None) -> dict[str, list[float]]:
     """Meta-steps up to ``outer.steps``: metrics to the tracker and the history, progress, checkpoints."""
     history: dict[str, list[float]] = {}
     started = time.perf_counter()
@@ -163,6 +166,8 @@ def _loop(cfg: Config, learner: CentralLearner, tracker, signals: StopSignals, s
             _progress(out, learner.step, cfg.outer.steps, metrics, time.perf_counter() - started)
         if learner.step % cfg.run.checkpoint_every == 0:
             save()
+        if on_step is not None and on_step(learner.step, metrics, save):
+            break
     return history
 
 
