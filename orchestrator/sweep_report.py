@@ -99,8 +99,9 @@ RUN_STATUS = {"completed": "FINISHED", "stopped early": "FINISHED", "failed": "F
 
 
 def settle_children(trials: list[TrialOutcome], plan: Plan) -> None:
-    """Tag every child run with how its trial ended (``metaray.sweep.trial``), and close a run its trial could
-    not close (Tune gives a stopping trial 10 s at the end of a sweep before it kills it)."""
+    """Tag every child run with how its trial ended (``metaray.sweep.trial``); mark the runs of trials that an
+    interruption left unfinished KILLED (``--resume`` continues them), and close a run its trial could not
+    (Tune kills a trial still busy 10 s after a sweep ends)."""
     if not plan.first.tracking.enabled:
         return
     from mlflow import MlflowClient
@@ -111,7 +112,7 @@ def settle_children(trials: list[TrialOutcome], plan: Plan) -> None:
             continue
         client.set_tag(t.run_id, "metaray.sweep.trial", t.status + (f" at step {t.step}" if t.status in (
             "stopped early", "unfinished") else ""))
-        if t.run_status == "RUNNING":
+        if t.run_status == "RUNNING" or t.status == "unfinished":
             client.set_terminated(t.run_id, RUN_STATUS[t.status])
 
 

@@ -6,11 +6,11 @@ ever, so elastic growth is refused in sweeps). The workers take those bundles (`
 
 Every ``run.log_every`` meta-steps the trial reports the means of its metrics over those steps (and
 ``step``) to Tune; at ``run.checkpoint_every`` the report carries the metaray checkpoint, and the last
-report, after the evaluation, carries the final one and the held-out scores. When a scheduler (ASHA)
-stops the trial at a report, training ends there: checkpoint, MLflow run FINISHED, no evaluation. When the
-sweep itself is interrupted, the trial stops at its next step boundary with a checkpoint and its MLflow
-run KILLED; ``Tuner.restore`` brings it back, and it resumes the later of its Tune checkpoint and its run
-folder's (bit-identical trajectory), in the same MLflow run.
+report, after the evaluation, carries the final one and the held-out scores. Tune stops a trial only at
+a report (a scheduler's decision, or the whole sweep stopping): training ends there, checkpointed, with
+no evaluation (and Tune kills a trial still busy 10 s after a sweep is stopped). ``Tuner.restore`` brings
+back the trials that had not finished; each resumes the later of its Tune checkpoint and its run folder's
+(the same trajectory, bit for bit) in the same MLflow run.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from ray.tune.trainable.function_trainable import FunctionTrainable
 from orchestrator import checkpoint
 from orchestrator.atomic import write_atomic
 from orchestrator.config import Config, ConfigError, parse_config
-from orchestrator.interrupts import Interrupted
 from orchestrator.run import train_here
 from orchestrator.sweep_report import trial_error
 
@@ -59,17 +58,11 @@ def run_trial(config: dict[str, Any]) -> bool:
     spec = config[TRIAL]
     cfg = parse_config(spec["config"])
     resume, last = _restore(cfg, tune.get_checkpoint())
-    session = get_session()
-    reporter = Reporter(cfg, spec["metric"], spec["mode"], session.stop_event.is_set, last)
+    reporter = Reporter(cfg, spec["metric"], spec["mode"], last)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with open(cfg.run_dir / "train.log", "a") as out:
-        try:
-            # Tune asks a trial to stop (the sweep is interrupted) by raising a flag its thread sees at the next
-            # report; polled at every step boundary instead, the run checkpoints there and is marked KILLED.
-            result = train_here(cfg, resume, True, out, spec["parent_run_id"],
-                                should_stop=session.stop_event.is_set, on_step=reporter.on_step)
-        except Interrupted:
-            return True
+        result = train_here(cfg, resume, True, out, spec["parent_run_id"], should_stop=None,
+                            on_step=reporter.on_step)
     if not reporter.stopped:
         reporter.final(result.step, result.results)
     return reporter.stopped
@@ -82,9 +75,8 @@ class Reporter:
     the trial there (ASHA at its last rung) then stops a run that has nothing left to do.
     """
 
-    def __init__(self, cfg: Config, metric: str, mode: str, stopping: Callable[[], bool],
-                 last: dict[str, float] | None = None):
-        self.cfg, self.metric, self.mode, self._stopping = cfg, metric, mode, stopping
+    def __init__(self, cfg: Config, metric: str, mode: str, last: dict[str, float] | None = None):
+        self.cfg, self.metric, self.mode = cfg, metric, mode
         self._window: dict[str, list[float]] = {}
         self._last = last or {}  # the means of the last report (a restored trial: from its Tune checkpoint)
         self.stopped = False
@@ -92,8 +84,8 @@ class Reporter:
     def on_step(self, step: int, metrics: dict[str, float], save: Callable[[], None]) -> bool:
         for k, v in metrics.items():
             self._window.setdefault(k, []).append(float(v))
-        if step == self.cfg.outer.steps or step % self.cfg.run.log_every or self._stopping():
-            return False  # (when Tune is stopping the trial, the loop ends at its next step boundary)
+        if step == self.cfg.outer.steps or step % self.cfg.run.log_every:
+            return False
         checkpointed = step % self.cfg.run.checkpoint_every == 0
         if checkpointed:
             save()
@@ -119,7 +111,7 @@ class Reporter:
         ckpt = tune.Checkpoint.from_directory(str(_handoff(self.cfg, means))) if checkpointed else None
         try:
             tune.report(report, checkpoint=ckpt)
-        except SystemExit:  # Tune's way of ending a trial's thread: the scheduler stopped this trial here
+        except SystemExit:  # Tune ends a trial's thread here: a scheduler stopped it, or the sweep is stopping
             return True
         return False
 

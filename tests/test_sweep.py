@@ -4,8 +4,9 @@
 Trials are tiny (sine, a few meta-steps, a 16-16 MLP, one worker) and share the session's Ray where they can.
 """
 
+import json
 import math
-import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +45,17 @@ def write_config(tmp_path, name="sine", **sections):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def mid_sweep(progress: str) -> tuple[set[str], bool]:
+    """From `metaray sweep`'s progress lines: the trials that ended, and whether the third is past step 4."""
+    last, ended = {}, set()
+    for line in progress.splitlines():
+        if m := re.match(r"  trial (\S+): step (\d+)/", line):
+            last[m[1]] = int(m[2])
+        elif m := re.match(r"  trial (\S+): (done|stopped early)", line):
+            ended.add(m[1])
+    return ended, last.get("sine-fomaml_lr-0.03", 0) >= 4
 
 
 def children(client, parent_id):
@@ -193,49 +205,53 @@ def test_trials_live_in_their_placement_group_match_a_solo_run_and_a_crash_is_re
 
 
 def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
-    """4 trials (2 configs x 2 outer.lr) under ASHA, SIGTERM'd mid-sweep in a real `metaray sweep`, resumed
-    in-process: trials stopped before stay stopped, the interrupted one continues its checkpoint and MLflow run."""
-    paths = [str(write_config(tmp_path, f"sine-{alg}", algorithm={"name": alg}, outer={"steps": 12}))
+    """4 trials (2 configs x 2 outer.lr) under ASHA, one at a time so that ASHA's decisions are known: the
+    first trial is never stopped, the second (outer.lr 1e-6) is worse at step 3 and stopped. A real
+    `metaray sweep` is SIGTERM'd during the third and resumed in-process: the stopped trial stays stopped,
+    the interrupted one continues its checkpoint in its MLflow run, the fourth runs."""
+    paths = [str(write_config(tmp_path, f"sine-{alg}", algorithm={"name": alg}, outer={"steps": 20}))
              for alg in ("maml", "fomaml")]
     args = ["sweep", *paths, "--search", "outer.lr=grid([0.03, 0.000001])", "--scheduler", "asha",
-            "--max-concurrent", "2", "--name", "asha", "--experiment", "sweep-asha"]
+            "--max-concurrent", "1", "--name", "asha", "--experiment", "sweep-asha"]
     out = tmp_path / "first.out"
     with open(out, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=f,
                                 stderr=subprocess.STDOUT, cwd=tmp_path)
-    # Interrupt once a trial has ended and a later one is under way (it has reported a checkpoint).
+    # Interrupt once the third trial is past its Tune checkpoint at step 4 (it cannot finish before Tune sees
+    # the signal: each of its reports waits for Tune's loop).
     deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline:
-        text = out.read_text()
-        if ("done" in text or "stopped early" in text) and "sine-fomaml_lr-1e-06: step 2/" in text:
-            break
+    while proc.poll() is None and time.monotonic() < deadline and not mid_sweep(out.read_text())[1]:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(300) == 143, out.read_text()[-3000:]
     first = out.read_text()
     assert "interrupted: every trial is checkpointed" in first
-    ended = {line.split()[1].rstrip(":") for line in first.splitlines()
-             if line.startswith("  trial ") and line.rstrip().endswith(("done",)) or " stopped early at step" in line}
-    assert ended, first
+    ended = mid_sweep(first)[0]
+    assert ended == {"sine-maml_lr-0.03", "sine-maml_lr-1e-06"}, first
+    assert "trial sine-maml_lr-1e-06: stopped early at step 3" in first
     client = MlflowClient(mlflow_store)
-    parent_id = __import__("json").loads((tmp_path / "runs" / "asha" / "sweep.json").read_text())["parent_run_id"]
-    before = {name: (r.info.run_id, r.info.end_time) for name, r in children(client, parent_id).items()}
+    parent_id = json.loads((tmp_path / "runs" / "asha" / "sweep.json").read_text())["parent_run_id"]
+    before = {name: (r.info.run_id, r.info.end_time, r.info.status) for name, r in children(client, parent_id).items()}
+    assert before["sine-fomaml_lr-0.03"][2] == "KILLED" and client.get_run(parent_id).info.status == "KILLED"
+    assert set(before) == {"sine-maml_lr-0.03", "sine-maml_lr-1e-06", "sine-fomaml_lr-0.03"}
 
-    result = sweep(paths, search=["outer.lr=grid([0.03, 0.000001])"], scheduler="asha", max_concurrent=2,
+    result = sweep(paths, search=["outer.lr=grid([0.03, 0.000001])"], scheduler="asha", max_concurrent=1,
                    name="asha", experiment="sweep-asha", resume=True)
     assert result.parent_run_id == parent_id and not result.failed
-    assert {t.status for t in result.trials} <= {"completed", "stopped early"}
-    assert any(t.status == "stopped early" and t.step < 12 for t in result.trials)
+    status = {t.name: (t.status, t.step) for t in result.trials}
+    assert status["sine-maml_lr-0.03"] == ("completed", 20) and status["sine-fomaml_lr-0.03"][0] == "completed"
+    assert status["sine-maml_lr-1e-06"] == ("stopped early", 3)  # stopped before the interruption, stays so
     assert result.best.swept["outer.lr"] == 0.03
     runs = children(client, parent_id)
     assert len(runs) == 4 and {r.info.status for r in runs.values()} == {"FINISHED"}  # no run started twice
+    assert runs["sine-maml_lr-1e-06"].data.tags["metaray.sweep.trial"] == "stopped early at step 3"
     for t in result.trials:
-        assert runs[t.name].info.run_id == before.get(t.name, (runs[t.name].info.run_id,))[0]
+        assert t.run_id == before.get(t.name, (t.run_id,))[0]
         assert steps_of(client, t.run_id) == list(range(t.step)), t.name  # every step once
-        if t.name in ended:  # ended before the interruption: not run again
+        if t.name in ended:  # not run again
             assert runs[t.name].info.end_time == before[t.name][1], t.name
-    resumed = [t for t in result.trials if "resuming" in (tmp_path / "runs" / "asha" / t.name / "train.log").read_text()]
-    assert resumed, "no trial continued a checkpoint"
+    log = (tmp_path / "runs" / "asha" / "sine-fomaml_lr-0.03" / "train.log").read_text()
+    assert re.search(r"resuming \S+ at step ([4-9]|1\d)", log), log  # its checkpoint, not step 0
     assert client.get_run(parent_id).info.status == "FINISHED"
     files = [a.path for a in client.list_artifacts(parent_id)] + [a.path for a in client.list_artifacts(parent_id, "plots")]
     assert {"sweep_results.md", "best_config.yaml", "plots/sweep_comparison.png"} <= set(files)
