@@ -88,20 +88,18 @@ def plan(paths: list[str], overrides: list[str] = (), search: list[str] = (), gr
     folder = Path(first.run.dir).resolve() / name
     uri = _absolute_uri(resolve_uri(first))
     experiment = experiment or experiment_name(first)
-    fixed = [f"run.dir={folder}", f"tracking.uri={uri}", f"tracking.experiment={experiment}"]
-    if first.workers.address:
-        fixed.append(f"workers.address={first.workers.address}")
-    seen = [(p, b) for p, b in zip(paths, bases)]
+    fixed = {"run.dir": str(folder), "tracking.uri": uri, "tracking.experiment": experiment,
+             "workers.address": first.workers.address}
+    fixed = [f"{k}={json.dumps(v)}" for k, v in fixed.items()]  # JSON: a path with ': ' stays a string
     values = expand(axes, samples, first.run.seed)
     specs, errors = [], []
-    for path, base in seen:
+    for path, base in zip(paths, bases):
         for swept in values:
-            if len(seen) > 1:
+            if len(paths) > 1:
                 swept = {"config": base.run.name, **swept}
             sets = [f"{k}={json.dumps(v)}" for k, v in swept.items() if k != "config"]
             try:
-                cfg = load_config(path, [*overrides, *sets, *fixed, *_absolute_paths(base)])
-                specs.append((swept, cfg))
+                specs.append((swept, _absolute_store(load_config(path, [*overrides, *sets, *fixed]))))
             except ConfigError as e:
                 errors.append(str(e))
     if errors:
@@ -158,9 +156,11 @@ def _absolute_uri(uri: str) -> str:
     return uri
 
 
-def _absolute_paths(cfg: Config) -> list[str]:
+def _absolute_store(cfg: Config) -> Config:
     store = getattr(cfg.task, "store", None)
-    return [f"task.store={Path(store).resolve()}"] if store and Path(store).exists() else []
+    if not store or Path(store).is_absolute() or not Path(store).exists():
+        return cfg  # (one that is not here may be on the cluster's nodes)
+    return cfg.model_copy(update={"task": cfg.task.model_copy(update={"store": str(Path(store).resolve())})})
 
 
 @dataclass
@@ -205,7 +205,6 @@ def sweep(paths: list[str], overrides: list[str] = (), grid: list[str] = (), exp
         outcomes = sweep_report.outcomes(analysis, p, parent.run_id)
         sweep_report.settle_children(outcomes, p)
         if any(o.status == "unfinished" for o in outcomes):
-            status = "KILLED"
             print(f"sweep {p.name} interrupted: every trial is checkpointed; continue it with the same command and "
                   f"--name {p.name} --resume", file=out, flush=True)
             raise Interrupted(signals.get("signum", signal.SIGINT))
@@ -214,6 +213,9 @@ def sweep(paths: list[str], overrides: list[str] = (), grid: list[str] = (), exp
             sweep_report.register_best(best, p, register, out)
         status = "FINISHED"
         return SweepResult(parent.run_id, outcomes, best, p.folder)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if parent is not None:
             parent.close(status)
@@ -325,6 +327,8 @@ def _tune(p: Plan, parent_run_id: str | None, max_concurrent: int | None, resume
         tuner = tune.Tuner(
             Trial,
             param_space={TRIAL: tune.grid_search(specs)},
+            # No reuse_actors: a reused actor is reset 2 s after its trial was told to stop, before a run can
+            # close (checkpoint, MLflow), and Tune then fails the next trial.
             tune_config=tune.TuneConfig(metric=s["metric"], mode=s["mode"], scheduler=scheduler,
                                         max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name),
