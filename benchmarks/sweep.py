@@ -50,7 +50,7 @@ def lrs(n: int) -> str:
 def sequential(path: Path, n: int, uri: str) -> float:
     """The old `metaray sweep`: every trial's config trained in turn, in this process, under one parent run."""
     from orchestrator.run import train
-    from orchestrator.sweep import plan
+    from orchestrator.sweep_plan import plan
     from orchestrator.tracking import open_tracker
 
     p = plan([str(path)], grid=[f"outer.lr={lrs(n)}"], name="sequential", experiment="bench-sweep")

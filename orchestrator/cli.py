@@ -30,7 +30,8 @@ from orchestrator.config import ConfigError, apply_overrides, load_config, parse
 from orchestrator.errors import RunFailed
 from orchestrator.interrupts import Interrupted
 from orchestrator.run import evaluate_checkpoint, train
-from orchestrator.sweep import DEFAULT_METRIC, sweep
+from orchestrator.sweep import sweep
+from orchestrator.sweep_plan import DEFAULT_METRIC
 from orchestrator.tracking import DEFAULT_URI, TrackingError
 from tasks.store import DataError
 

@@ -23,7 +23,7 @@ from orchestrator.config import parse_config
 from orchestrator.errors import one_line
 
 if TYPE_CHECKING:
-    from orchestrator.sweep import Plan
+    from orchestrator.sweep_plan import Plan
 
 # A curve that exceeds its sweep's typical starting value this many times over has diverged.
 DIVERGED_FACTOR = 1e3

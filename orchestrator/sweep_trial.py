@@ -38,8 +38,9 @@ from orchestrator.sweep_report import trial_error
 TRIAL = "trial"  # the key of the trial's spec in Tune's config
 TUNE_CHECKPOINT = "tune-checkpoint"  # folder in the run folder holding what a report hands to Tune
 REPORT = "report.json"  # beside the checkpoint handed to Tune: the means that report carried
-# How long stopping a trial waits for its run to close (the evaluation of a trial stopped early included).
-CLOSE_GRACE_S = 600.0  # (Tune's own limit: TUNE_FORCE_TRIAL_CLEANUP_S, 600 s)
+# How long stopping a trial waits for its run to close (checkpoint, MLflow); Tune's own limit is 600 s
+# (TUNE_FORCE_TRIAL_CLEANUP_S), and 10 s once the whole sweep is ending.
+CLOSE_GRACE_S = 600.0
 
 
 def placement(cfg: Config) -> tune.PlacementGroupFactory:
@@ -159,13 +160,13 @@ class Progress(tune.Callback):
         print(f"  trial {_name(trial)}: started", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        metric = trial.config["trial"]["metric"]
+        metric = trial.config[TRIAL]["metric"]
         if "step" in result and metric in result:
-            total = trial.config["trial"]["config"]["outer"]["steps"]
+            total = trial.config[TRIAL]["config"]["outer"]["steps"]
             print(f"  trial {_name(trial)}: step {result['step']}/{total} {metric} {result[metric]:.4g}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        step, total = trial.last_result.get("step", 0), trial.config["trial"]["config"]["outer"]["steps"]
+        step, total = trial.last_result.get("step", 0), trial.config[TRIAL]["config"]["outer"]["steps"]
         print(f"  trial {_name(trial)}: " + ("done" if step >= total else f"stopped early at step {step}"),
               flush=True)
 
