@@ -54,12 +54,14 @@ def sequential(path: Path, n: int, uri: str) -> float:
     from orchestrator.tracking import open_tracker
 
     p = plan([str(path)], grid=[f"outer.lr={lrs(n)}"], name="sequential", experiment="bench-sweep")
+    p.folder.mkdir(parents=True)
     start = time.perf_counter()
     parent = open_tracker(p.first.model_copy(update={"run": p.first.run.model_copy(update={"name": "sequential"})}),
                           command="sweep", run_dir=p.folder)
     try:
         for t in p.trials:
-            train(t.config, parent_run_id=parent.run_id, out=open(p.folder / f"{t.name}.log", "w"))
+            with open(p.folder / f"{t.name}.log", "w") as out:
+                train(t.config, parent_run_id=parent.run_id, out=out)
     finally:
         parent.close()
     return time.perf_counter() - start
@@ -72,8 +74,9 @@ def tuned(path: Path, n: int, concurrent: int, uri: str) -> tuple[float, float, 
     from orchestrator.sweep import sweep
 
     start = time.perf_counter()
-    result = sweep([str(path)], grid=[f"outer.lr={lrs(n)}"], name="tune", experiment="bench-sweep",
-                   max_concurrent=concurrent, out=open(path.parent / "tune.log", "w"))
+    with open(path.parent / "tune.log", "w") as out:
+        result = sweep([str(path)], grid=[f"outer.lr={lrs(n)}"], name="tune", experiment="bench-sweep",
+                       max_concurrent=concurrent, out=out)
     wall = time.perf_counter() - start
     assert not result.failed and all(t.status == "completed" for t in result.trials)
     client = MlflowClient(uri)

@@ -175,6 +175,23 @@ def test_comparison_plot_marks_a_diverged_trial_instead_of_stretching_the_axes()
     assert rows[0].startswith("| a | 0.01 |") and "(diverged)" in rows[-1]
 
 
+def test_register_makes_the_best_trials_model_a_registry_version(tmp_path, mlflow_store, capsys):
+    from orchestrator.sweep_report import register_best
+
+    p = plan([str(write_config(tmp_path))], name="reg")
+    client = MlflowClient(mlflow_store)
+    experiment = client.create_experiment("sweep-register")
+    runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+    models = {r: client.create_logged_model(experiment, name="model", source_run_id=r).model_id for r in runs}
+    best = TrialOutcome(p.trials[0].name, {}, {}, "completed", 2, 1.0, run_id=runs[1])
+    capsys.readouterr()
+    for version in ("1", "2"):  # a second sweep adds a version
+        register_best(best, p, "sine-best", sys.stdout)
+        assert f"registered {best.name}'s model as sine-best version {version}" in capsys.readouterr().out
+    versions = client.search_model_versions("name = 'sine-best'")
+    assert len(versions) == 2 and {(v.run_id, v.source) for v in versions} == {(runs[1], f"models:/{models[runs[1]]}")}
+
+
 # -- real Ray Tune ----------------------------------------------------------------------------------------------
 
 def test_trials_live_in_their_placement_group_match_a_solo_run_and_a_crash_is_reported(tmp_path, ray_local,
