@@ -19,7 +19,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
@@ -64,6 +64,13 @@ class RemoteWorker(TaskWorker):
     def meta_gradient_parts(self, theta, ids):
         header, grad = super().meta_gradient_parts(theta, ids)
         return header.on_node(self.node_id()), grad
+
+
+class Submitted(NamedTuple):
+    """One remote call: the ref to wait for, and (for a split call) the ref of the part left on the worker's node."""
+
+    ref: Any
+    payload: Any = None
 
 
 @dataclass
@@ -124,9 +131,9 @@ class ActorPool:
         """Calls still running from an earlier round (overtaken stragglers), by ref."""
         return {s.call: s for s in self.slots if s.state == "busy"}
 
-    def submit(self, slot: Slot, call: Callable[[Any], Any]) -> Any:
+    def submit(self, slot: Slot, call: Callable[[Any], Submitted]) -> Submitted:
         submitted = call(slot.actor)
-        slot.call, slot.state = submitted.ref, "busy"  # the ref Ray waits on (not the Submitted around it)
+        slot.call, slot.state = submitted.ref, "busy"
         return submitted
 
     def release(self, slot: Slot) -> None:

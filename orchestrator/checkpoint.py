@@ -24,6 +24,7 @@ import yaml
 from learners.params import Params
 from orchestrator.atomic import write_atomic
 from orchestrator.config import Config, ConfigError, parse_config
+from orchestrator.schedule import CosineSchedule
 
 FORMAT = "metaray-checkpoint/2"
 FORMAT_V1 = "metaray-checkpoint/1"
@@ -46,6 +47,7 @@ class Checkpoint:
     faults: dict[str, int]  # FaultLog.state_dict()
     tracker: dict[str, Any]  # the tracker's state_dict()
     path: Path
+    selection: dict[str, Any] | None = None  # ModelSelection.state_dict() when the run validates
 
     @property
     def step(self) -> int:
@@ -57,13 +59,13 @@ class Checkpoint:
 
 
 def save(path: Path, config: Config, *, learner: dict[str, Any], faults: dict[str, int],
-         tracker: dict[str, Any]) -> None:
+         tracker: dict[str, Any], selection: dict[str, Any] | None = None) -> None:
     params = learner["params"]
     if not all(bool(v.isfinite().all()) for v in params.values()):
         raise ValueError(f"refusing to checkpoint a non-finite θ to {path}")  # the learner never makes one
     payload = {"format": FORMAT, "config": config.to_yaml(),
                "learner": {**learner, "params": {k: v.detach().cpu() for k, v in params.items()}},
-               "faults": faults, "tracker": tracker}
+               "faults": faults, "tracker": tracker, "selection": selection}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_atomic(path, buffer.getvalue())
@@ -95,7 +97,8 @@ def load(path_or_run: str | Path) -> Checkpoint:
         learner = dict(payload["learner"])
         learner["params"] = dict(learner["params"])
         int(learner["step"])
-        return Checkpoint(config, learner, dict(payload["faults"]), dict(payload["tracker"]), path)
+        return Checkpoint(config, learner, dict(payload["faults"]), dict(payload["tracker"]), path,
+                          payload.get("selection"))
     except (KeyError, TypeError, ValueError, ConfigError, yaml.YAMLError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint ({e})") from None
 
@@ -123,6 +126,11 @@ def check_resumable(ckpt: Checkpoint, cfg: Config, expected: Params) -> None:
     old, new = ckpt.config.flat(), cfg.flat()
     differ = [f"{k}: {old.get(k)!r} in the checkpoint vs {new.get(k)!r} now" for k in sorted(set(old) | set(new))
               if not k.startswith(RESUMABLE_CHANGES) and old.get(k) != new.get(k)]
+    old_s, new_s = ckpt.config.outer, cfg.outer
+    if isinstance(new_s.schedule, CosineSchedule) and new_s.schedule.total_steps is None and old_s.steps != new_s.steps:
+        differ.append(f"outer.steps: {old_s.steps} in the checkpoint vs {new_s.steps} now, and the cosine schedule "
+                      f"ends at outer.steps (set outer.schedule.total_steps: {old_s.steps} to train longer on the "
+                      "same schedule)")
     old_shares, new_shares = ckpt.config.workers.share_count, cfg.workers.share_count
     if old_shares != new_shares:
         differ.append(f"workers.shares: {old_shares} in the checkpoint vs {new_shares} now (set workers.shares: "

@@ -32,6 +32,7 @@ from pydantic import (
 
 from learners.registry import AlgorithmConfig, variant, variants
 from orchestrator.errors import one_line
+from orchestrator.schedule import SCHEDULE_KINDS, ConstantSchedule, CosineSchedule, Schedule
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,73 @@ class SplitConfig(Strict):
         return v
 
 
+class TrainEpisodes(Strict):
+    """Training episodes where they differ from evaluation's; evaluation uses the task's own shape.
+
+    ProtoNet trains Omniglot 60-way for 20-way tests, MetaOptNet 15-shot for 1-shot tests. An algorithm whose
+    head is in θ (MAML and kin) must train with the evaluation n_way (checked at run start); one that writes its
+    head from each support set (ProtoNet, MetaOptNet) need not. Unset keys follow the task's.
+    """
+
+    n_way: PositiveInt | None = None
+    k_shot: PositiveInt | None = None
+    query: PositiveInt | None = None
+    within_group: bool | None = None
+
+
+class JitterConfig(Strict):
+    """Colour jitter (torchvision's ColorJitter): each factor is drawn in [max(0, 1 - v), 1 + v]."""
+
+    brightness: NonNegativeFloat = 0.0
+    contrast: NonNegativeFloat = 0.0
+    saturation: NonNegativeFloat = 0.0
+    """No effect on greyscale images."""
+
+
+class AffineConfig(Strict):
+    """Random affine map about the image centre (Omniglot: Koch et al.'s small distortions)."""
+
+    degrees: float = Field(0.0, ge=0.0, le=180.0)
+    """Rotation drawn in [-degrees, degrees]."""
+    shear: float = Field(0.0, ge=0.0, le=45.0)
+    """Horizontal shear angle drawn in [-shear, shear] degrees."""
+    scale: Range = (1.0, 1.0)
+    """Zoom drawn in [low, high]."""
+    translate: float = Field(0.0, ge=0.0, le=0.5)
+    """Shift drawn in [-translate, translate] of the width (and height)."""
+
+    @model_validator(mode="after")
+    def _scale(self) -> "AffineConfig":
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise _KeyError("scale", f"must be [low, high] with 0 < low <= high, got {list(self.scale)}")
+        return self
+
+
+class AugmentConfig(Strict):
+    """Seed-addressed augmentation of training episodes (a function of the episode id, applied on the workers)."""
+
+    crop_padding: NonNegativeInt = 0
+    """Random crop of the image's size after zero padding by this many pixels (MetaOptNet: 8 at 84x84); 0: off."""
+    flip: bool = False
+    """Horizontal flip with probability 1/2."""
+    jitter: JitterConfig | None = None
+    affine: AffineConfig | None = None
+    support: bool = True
+    """Augment the support images."""
+    query: bool = True
+    """Augment the query images."""
+    at_eval: bool = False
+    """Also augment evaluation (and validation) episodes; training only by default."""
+
+    @model_validator(mode="after")
+    def _augments_something(self) -> "AugmentConfig":
+        if not (self.support or self.query):
+            raise _KeyError(None, "support and query are both false: nothing would be augmented; remove the section")
+        if not (self.crop_padding or self.flip or self.jitter or self.affine):
+            raise _KeyError(None, "no augmentation is set (crop_padding, flip, jitter, affine); remove the section")
+        return self
+
+
 class ImageTaskConfig(Strict):
     """N-way K-shot few-shot classification from an image store (``metaray data convert``)."""
 
@@ -106,6 +174,12 @@ class ImageTaskConfig(Strict):
     """Query images per class."""
     rotations: bool = False
     """Omniglot augmentation: each class rotated by 0/90/180/270 degrees gives 4 classes."""
+    within_group: bool = False
+    """Draw all n_way classes of an episode from one group (an Omniglot alphabet: Lake et al.'s within-alphabet
+    protocol), chosen among the groups with enough classes."""
+    train: TrainEpisodes = TrainEpisodes()
+    """Training episodes' n_way, k_shot, query, within_group where they differ from evaluation's."""
+    augment: AugmentConfig | None = None
     split: SplitConfig = SplitConfig()
     eval_split: Literal["val", "test"] = "test"
     """Classes used for evaluation (never seen in training)."""
@@ -144,6 +218,13 @@ class OuterConfig(Strict):
     """Tasks per meta-step."""
     steps: NonNegativeInt = 20000
     """Meta-steps in total (a resumed run continues up to this)."""
+    schedule: Schedule = ConstantSchedule()
+    """How lr changes with the meta-step: {kind: constant}, {kind: step, milestones: [...], gamma},
+    {kind: exponential, every, gamma}, {kind: cosine, warmup_steps, min_lr, total_steps}."""
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of meta-step ``step``."""
+        return self.schedule.rate(self.lr, step, self.steps)
 
 
 class WorkersConfig(Strict):
@@ -197,6 +278,16 @@ class EvalConfig(Strict):
     """Extra evaluations on task variants, as overrides of ``task`` (e.g. support_x_range: [0, 5])."""
     batch_tasks: PositiveInt = 100
     """Episodes per worker call during evaluation."""
+    every: NonNegativeInt = 0
+    """Validate every this many meta-steps (0: never) on val_tasks fixed episodes of the val split (image
+    tasks: task.split.val; sine: their own seed stream), keep the best checkpoint (best.pt), and report the
+    final test evaluation on it."""
+    val_tasks: PositiveInt = 200
+    select: Literal["auto", "loss", "acc"] = "auto"
+    """The validation metric that picks the best checkpoint: query loss after max(steps) adaptation steps
+    (lower is better) or accuracy (higher); auto: acc for classification, else loss."""
+    patience: PositiveInt | None = None
+    """Stop training after this many validations without improvement (early stopping); None: never."""
 
 
 class TrackingConfig(Strict):
@@ -425,8 +516,10 @@ def _format(error: ValidationError, prefix: tuple, model: type[BaseModel], data:
     families = set(TASK_FAMILIES)
     for e in error.errors():
         loc = tuple(str(p) for p in e["loc"])
-        # Drop the union tag pydantic inserts after 'task' ('task', 'sine', 'k_shot'): users never write it.
-        key_loc = tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "task" and p in families))
+        # Drop the union tags pydantic inserts ('task', 'sine', 'k_shot'; 'schedule', 'step', ...): users never
+        # write them.
+        key_loc = tuple(p for i, p in enumerate(loc) if not (i and ((loc[i - 1] == "task" and p in families) or
+                                                                    (loc[i - 1] == "schedule" and p in SCHEDULE_KINDS))))
         ctx_error = (e.get("ctx") or {}).get("error")
         if isinstance(ctx_error, _KeyError):
             if ctx_error.key:
@@ -440,6 +533,11 @@ def _format(error: ValidationError, prefix: tuple, model: type[BaseModel], data:
             if loc[:-1] == ("algorithm",):
                 owners = sorted(n for n, m in variants().items() if loc[-1] in m.model_fields)
                 message += f"; it is a setting of {', '.join(owners)}" if owners else ""
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found") and loc[-1:] == ("schedule",):
+            key_loc = key_loc + ("kind",)
+            given = e["input"].get("kind") if isinstance(e["input"], dict) else None
+            message = (f"must be one of {', '.join(SCHEDULE_KINDS)}, got {given!r}" if given is not None
+                       else f"is required: one of {', '.join(SCHEDULE_KINDS)}")
         elif e["type"] == "union_tag_invalid":
             key_loc = key_loc + ("family",)
             message = f"unknown task family {e['ctx']['tag']!r} (allowed: {', '.join(TASK_FAMILIES)})"

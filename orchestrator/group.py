@@ -41,8 +41,8 @@ class LocalGroup:
         return aggregate(results, timing=CallTiming(wait_s=time.perf_counter() - start))
 
     def evaluate(self, theta: np.ndarray, shares: list[EpisodeIds], steps: int, lr: float,
-                 probe: str | None = None) -> list[dict[str, np.ndarray]]:
-        return [self.worker.evaluate(theta, share, steps, lr, probe).curves for share in shares]
+                 probe: str | None = None, split: str = "eval") -> list[dict[str, np.ndarray]]:
+        return [self.worker.evaluate(theta, share, steps, lr, probe, split).curves for share in shares]
 
     def maintain(self) -> None:
         pass
@@ -113,10 +113,11 @@ class WorkerGroup:
                          CallTiming(put_s, wait_s, sum(p.nbytes for p in partials)))
 
     def evaluate(self, theta: np.ndarray, shares: list[EpisodeIds], steps: int, lr: float,
-                 probe: str | None = None) -> list[dict[str, np.ndarray]]:
+                 probe: str | None = None, split: str = "eval") -> list[dict[str, np.ndarray]]:
         theta_ref = self._ray.put(theta)
         done = self.scheduler.run(
-            len(shares), lambda actor, i: _call(actor.evaluate, theta_ref, shares[i], steps, lr, probe), "evaluation")
+            len(shares), lambda actor, i: _call(actor.evaluate, theta_ref, shares[i], steps, lr, probe, split),
+            "evaluation")
         return [r.value.curves for r in done.results]
 
     def _reducer(self, node: str) -> Any:
@@ -153,14 +154,14 @@ class NodeReducer:
 
 
 def _call(method: Any, *args: Any):
-    from orchestrator.scheduler import Submitted
+    from orchestrator.actor_pool import Submitted
 
     return Submitted(method.remote(*args))
 
 
 def _split(actor: Any, theta_ref: Any, share: EpisodeIds):
     """meta_gradient_parts: wait for the header; the gradient's ref stays where it was computed."""
-    from orchestrator.scheduler import Submitted
+    from orchestrator.actor_pool import Submitted
 
     header, grad = actor.meta_gradient_parts.options(num_returns=2).remote(theta_ref, share)
     return Submitted(header, grad)

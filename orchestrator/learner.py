@@ -15,6 +15,7 @@ Both are counted (``orchestrator/skipped_steps``). Everything the learner owns i
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -45,8 +46,10 @@ class CentralLearner:
         self.skipped_steps = 0
 
     def state_dict(self) -> dict[str, Any]:
+        """A snapshot (copies, unlike torch's optimizer.state_dict(), whose tensors later steps change in place)."""
         return {"params": {k: v.detach().clone() for k, v in self.params.items()},
-                "optimizer": self.optimizer.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps}
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "step": self.step,
+                "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -66,6 +69,9 @@ class CentralLearner:
         ids = EpisodeIds(self.cfg.run.seed, self.step, tuple(range(self.cfg.outer.meta_batch_size)))
         agg = self.group.meta_gradient(self.theta(), ids.split(self.cfg.workers.share_count))
         opt_start = time.perf_counter()
+        lr = self.cfg.outer.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         # Every task diverged, or the finite per-task gradients overflowed when summed: skip the step.
         if agg.grad is None or not np.isfinite(agg.grad).all() or not self._apply(agg.grad):
             self.skipped_steps += 1
@@ -90,6 +96,7 @@ class CentralLearner:
             "orchestrator/workers": float(self.group.size),
             "orchestrator/dropped_tasks": float(agg.dropped),
             "orchestrator/skipped_steps": float(self.skipped_steps),
+            "outer/lr": lr,
         })
         return metrics
 
@@ -104,7 +111,7 @@ class CentralLearner:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             after = self._tensors()
-            if len(after) == len(before) and all(bool(t.isfinite().all()) for t in after if t.is_floating_point()):
+            if all(bool(t.isfinite().all()) for t in after if t.is_floating_point()):
                 return True
             for t, old in zip(before, saved):  # e.g. an update that overflowed float32
                 t.copy_(old)

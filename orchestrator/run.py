@@ -22,13 +22,14 @@ import numpy as np
 from learners.params import ParamSpec, Params
 from orchestrator import checkpoint, plots
 from orchestrator.atomic import write_atomic
-from orchestrator.build import build_algorithm, build_tasks
+from orchestrator.build import build_algorithm, build_tasks, check_tasks
 from orchestrator.config import Config
 from orchestrator.evaluate import Results, mean_ci
 from orchestrator.group import make_group
 from orchestrator.interrupts import Interrupted, StopSignals
 from orchestrator.learner import CentralLearner
 from orchestrator.report import evaluate_and_report
+from orchestrator.selection import BEST, ModelSelection, selection_for, validate
 from orchestrator.tracking import open_tracker
 from tasks.episode import EpisodeIds, Purpose
 
@@ -49,6 +50,7 @@ class TrainResult:
     run_id: str | None
     test_curve: tuple[np.ndarray, np.ndarray] | None  # held-out query loss (mean, 95% CI) after 0..k steps
     learner_pid: int  # the process that ran the learner (this one, or a learner actor's)
+    tested_step: int  # the step of the θ the test results are of (the best checkpoint's, with validation)
 
 
 def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdout,
@@ -69,13 +71,14 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdo
 def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: str | None,
                should_stop: Callable[[], bool] | None, on_step: OnStep | None = None) -> TrainResult:
     """``train`` with the learner in this process. ``on_step(step, metrics, save)`` is called after every
-    meta-step (``save()`` writes the checkpoint now); when it returns True (a sweep's scheduler stopped the
-    trial) training ends there: the run is checkpointed and closed, but not evaluated."""
+    meta-step (with the validation metrics of that step, if any; ``save()`` checkpoints now); when it returns
+    True (a sweep's scheduler stopped the trial) training ends there: checkpointed and closed, not evaluated."""
     ckpt = _starting_point(cfg, resume, out)
     algorithm = build_algorithm(cfg)
     # Opened before Ray starts: an unusable tracking store is reported before any work is done.
     tracker = open_tracker(cfg, state=ckpt.tracker if ckpt else None, parent_run_id=parent_run_id,
                            run_dir=cfg.run_dir)
+    selection = selection_for(cfg, algorithm.objective.metric_names)
     signals = StopSignals(should_stop)
     status, group = "FAILED", None
     try:
@@ -85,32 +88,43 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
             if ckpt is not None:
                 learner.load_state_dict(ckpt.learner)
                 group.faults.load_state_dict(ckpt.faults)
+                if selection is not None and ckpt.selection is not None:
+                    selection.load_state_dict(ckpt.selection)
             write_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())
             tracker.log_params({**cfg.flat(), "resources.shares": cfg.workers.share_count, **group.resources()})
             tracker.log_artifact(cfg.run_dir / "config.yaml")
 
-            def save() -> None:
-                checkpoint.save(cfg.run_dir / checkpoint.FILENAME, cfg, learner=learner.state_dict(),
-                                faults=group.faults.state_dict(), tracker=tracker.state_dict())
+            def save(name: str = checkpoint.FILENAME) -> None:
+                checkpoint.save(cfg.run_dir / name, cfg, learner=learner.state_dict(),
+                                faults=group.faults.state_dict(), tracker=tracker.state_dict(),
+                                selection=selection.state_dict() if selection else None)
                 tracker.flush()  # what the checkpoint covers is recorded even if this process dies next
 
             first_step = learner.step
+            loop = _Loop(cfg, learner, group, tracker, selection, save, out, on_step)
             try:
                 with signals.graceful_section():
-                    history = _loop(cfg, learner, tracker, signals, save, out, on_step)
+                    loop.run(signals)
             except Interrupted:
                 save()
                 print(f"interrupted: checkpoint at step {learner.step} in {cfg.run_dir / checkpoint.FILENAME}; "
                       "continue with --resume", file=out)
                 raise
             save()
-            results, test_curve, theta = {}, None, learner.theta()
+            params, tested_step = learner.params, learner.step
+            if selection is not None and selection.best_step is not None:
+                best = checkpoint.load(cfg.run_dir / BEST)
+                params, tested_step = best.params, best.step
+                print(f"testing the best checkpoint: step {best.step}, {selection.key} {selection.best_value:.4f}",
+                      file=out)
+            theta = ParamSpec.of(params).flatten(params).numpy().astype(np.float32)
+            results, test_curve = {}, None
             try:
-                if evaluate and learner.step == cfg.outer.steps:
+                if evaluate and not loop.stopped:
                     results, curves = evaluate_and_report(cfg, algorithm, group, theta, tracker, learner.step,
                                                           cfg.run_dir, out)
                     test_curve = mean_ci(curves["test"]["loss"])
-                _log_artifacts(cfg, algorithm, learner, tracker, history, first_step)
+                _log_artifacts(cfg, algorithm, params, tracker, loop.history, first_step)
             except Interrupted:
                 print(f"interrupted after training: the checkpoint at step {learner.step} is complete; evaluate it "
                       f"with `metaray eval {cfg.run_dir}`", file=out)
@@ -120,8 +134,8 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
                   file=out)
         status = "FINISHED"
         return TrainResult(learner.params, learner.step, group.faults.count, list(group.faults.events),
-                           learner.skipped_steps, results, cfg.run_dir, history, tracker.run_id, test_curve,
-                           os.getpid())
+                           learner.skipped_steps, results, cfg.run_dir, loop.history, tracker.run_id, test_curve,
+                           os.getpid(), tested_step)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -136,8 +150,7 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
 
 def _starting_point(cfg: Config, resume: bool, out) -> checkpoint.Checkpoint | None:
     """The checkpoint to continue (checked against ``cfg``), or None for a new run; bad data fails here first."""
-    for split in ("train", "eval"):
-        build_tasks(cfg.task, split)  # bad data (missing store, too few images) fails here, before anything starts
+    check_tasks(cfg, ("train", "val", "eval") if cfg.eval.every else ("train", "eval"))  # bad data fails here
     path = cfg.run_dir / checkpoint.FILENAME
     if not resume:
         if path.exists():
@@ -150,34 +163,63 @@ def _starting_point(cfg: Config, resume: bool, out) -> checkpoint.Checkpoint | N
     return ckpt
 
 
-def _loop(cfg: Config, learner: CentralLearner, tracker, signals: StopSignals, save: Callable[[], None],
-          out, on_step: OnStep | None = None) -> dict[str, list[float]]:
-    """Meta-steps up to ``outer.steps``: metrics to the tracker and the history, progress, checkpoints."""
-    history: dict[str, list[float]] = {}
-    started = time.perf_counter()
-    while learner.step < cfg.outer.steps:
-        signals.check()
-        metrics = learner.meta_step()
-        tracker.log_metrics(metrics, learner.step - 1)
-        for k, v in metrics.items():
-            if k.startswith(HISTORY_PREFIXES):
-                history.setdefault(k, []).append(v)
-        if learner.step % cfg.run.log_every == 0 or learner.step == cfg.outer.steps:
-            _progress(out, learner.step, cfg.outer.steps, metrics, time.perf_counter() - started)
-        if learner.step % cfg.run.checkpoint_every == 0:
-            save()
-        if on_step is not None and on_step(learner.step, metrics, save):
-            break
-    return history
+class _Loop:
+    """Meta-steps up to ``outer.steps``: metrics to the tracker and the history, progress, checkpoints,
+    validation and early stopping."""
+
+    def __init__(self, cfg: Config, learner: CentralLearner, group, tracker, selection: ModelSelection | None,
+                 save: Callable[..., None], out, on_step: OnStep | None = None):
+        self.cfg, self.learner, self.group, self.tracker = cfg, learner, group, tracker
+        self.selection, self.save, self.out, self.on_step = selection, save, out, on_step
+        self.history: dict[str, list[float]] = {}
+        self.stopped = False  # by on_step
+
+    def run(self, signals: StopSignals) -> None:
+        cfg, learner = self.cfg, self.learner
+        started = time.perf_counter()
+        while learner.step < cfg.outer.steps and not (self.selection and self.selection.exhausted):
+            signals.check()
+            metrics = learner.meta_step()
+            self.tracker.log_metrics(metrics, learner.step - 1)
+            for k, v in metrics.items():
+                if k.startswith(HISTORY_PREFIXES):
+                    self.history.setdefault(k, []).append(v)
+            if learner.step % cfg.run.log_every == 0 or learner.step == cfg.outer.steps:
+                _progress(self.out, learner.step, cfg.outer.steps, metrics, time.perf_counter() - started)
+            validated = {}
+            if self.selection and (learner.step % cfg.eval.every == 0 or learner.step == cfg.outer.steps):
+                validated = self._validate()
+            if learner.step % cfg.run.checkpoint_every == 0:
+                self.save()
+            if self.on_step is not None and self.on_step(learner.step, {**metrics, **validated}, self.save):
+                self.stopped = True
+                break
+
+    def _validate(self) -> dict[str, float]:
+        step, selection = self.learner.step, self.selection
+        start = time.perf_counter()
+        metrics = validate(self.cfg, self.group, self.learner.theta())
+        metrics["perf/val_s"] = time.perf_counter() - start
+        improved = selection.update(step, metrics)
+        if improved:
+            self.save(BEST)
+        self.tracker.log_metrics(metrics, step)
+        note = "new best" if improved else f"best: step {selection.best_step}"
+        print(f"validation at step {step}: {selection.key} {metrics[selection.key]:.4f} "
+              f"± {metrics[selection.key + '_ci95']:.4f} ({note})", file=self.out, flush=True)
+        if selection.exhausted:
+            print(f"early stop at step {step}: no better {selection.key} in {selection.patience} validations",
+                  file=self.out, flush=True)
+        return metrics
 
 
-def _log_artifacts(cfg: Config, algorithm, learner: CentralLearner, tracker, history, first_step: int) -> None:
+def _log_artifacts(cfg: Config, algorithm, params: Params, tracker, history, first_step: int) -> None:
     if cfg.tracking.plots and history:
         tracker.log_figure(plots.learning_curves(history, first_step), "learning_curves")
     if cfg.tracking.log_checkpoint:
         tracker.log_artifact(cfg.run_dir / checkpoint.FILENAME, "checkpoint")
     if cfg.tracking.log_model:
-        module, example = algorithm.export(learner.params, _eval_batch(cfg, 1))
+        module, example = algorithm.export(params, _eval_batch(cfg, 1))
         tracker.log_model(module, example.numpy())
 
 

@@ -13,22 +13,15 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from orchestrator.actor_pool import ActorPool, Slot
+from orchestrator.actor_pool import ActorPool, Slot, Submitted
 from orchestrator.errors import RunFailed
 
 log = logging.getLogger("metaray")
-
-
-class Submitted(NamedTuple):
-    """One remote call: the ref to wait for, and (for a split call) the ref of the part left on the worker's node."""
-
-    ref: Any
-    payload: Any = None
 
 
 @dataclass(frozen=True)

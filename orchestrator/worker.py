@@ -72,6 +72,8 @@ class TaskWorker:
         self.incarnation = uuid.uuid4().hex
         self.device = _device(self.cfg)
         self.algorithm = build_algorithm(self.cfg)
+        # Training episodes may have another n_way (task.train.n_way); a head written from the support set follows.
+        self.train_algorithm = build_algorithm(self.cfg, "train")
         self.spec = ParamSpec.of(self.algorithm.init_params(0))
         self._sources: dict[tuple[str, str | None], TaskSource] = {}
         # A restarted actor re-runs this constructor; a drill fires only in the first incarnation.
@@ -88,7 +90,7 @@ class TaskWorker:
             time.sleep(self._drill.seconds)  # a straggler: slow, but its result is still correct
         start = time.perf_counter()
         params = self._params(theta)
-        summed = self.algorithm.meta_gradient(params, self._source("train").sample(ids).to(self.device))
+        summed = self.train_algorithm.meta_gradient(params, self._source("train").sample(ids).to(self.device))
         grad = self.spec.flatten(summed.grads).detach().cpu().numpy().astype(np.float32, copy=False)
         return TaskResult(grad, summed.stats, summed.tasks, summed.dropped, time.perf_counter() - start,
                           self.index, self.incarnation)
@@ -98,9 +100,11 @@ class TaskWorker:
         result = self.meta_gradient(theta, ids)
         return replace(result, grad=np.empty(0, dtype=np.float32)), result.grad
 
-    def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None) -> EvalResult:
-        """Per-episode query loss (and metrics) after 0..``steps`` adaptation steps: ``[len(ids), steps + 1]``."""
-        batch = self._source("eval", probe).sample(ids).to(self.device)
+    def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None,
+                 split: str = "eval") -> EvalResult:
+        """Per-episode query loss (and metrics) after 0..``steps`` adaptation steps: ``[len(ids), steps + 1]``,
+        on episodes of ``split`` ("eval": the final evaluation's classes; "val": validation's)."""
+        batch = self._source(split, probe).sample(ids).to(self.device)
         out = adaptation_curves(self.algorithm, self._params(theta), batch, steps, lr)
         return EvalResult({k: v.detach().cpu().numpy() for k, v in out.items()}, self.incarnation)
 

@@ -12,7 +12,9 @@ generator seeded only by ``(seed, purpose, step, index)``. Any process can
 therefore rebuild any episode bit for bit, so a meta-batch does not depend on
 how many workers computed it, and a share lost with a dead worker is recomputed
 exactly elsewhere. ``purpose`` keeps training and evaluation streams apart even
-when a run's seed equals the evaluation seed.
+when a run's seed equals the evaluation seed. ``stream`` gives one episode
+further independent generators (``AUGMENT``: its augmentation), so adding a
+random part to an episode never changes which classes and images it draws.
 
 >>> rng = episode_rng(seed=0, step=3, index=7)
 >>> float(rng.random()) == float(episode_rng(0, 3, 7).random())
@@ -32,6 +34,11 @@ import torch
 class Purpose(IntEnum):
     TRAIN = 0
     EVAL = 1
+    VAL = 2  # validation during training: fixed episodes of their own stream
+
+
+SAMPLE, AUGMENT = 0, 1
+"""Streams of one episode: its classes and images (``SAMPLE``), its augmentation (``AUGMENT``)."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +63,15 @@ class EpisodeIds:
         ]
 
 
-def episode_rng(seed: int, step: int, index: int, purpose: Purpose = Purpose.TRAIN) -> np.random.Generator:
-    """The generator of one episode, a function of its id only."""
-    if min(seed, step, index) < 0:
-        raise ValueError(f"episode ids are non-negative, got seed={seed} step={step} index={index}")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(int(purpose), step, index))))
+def episode_rng(seed: int, step: int, index: int, purpose: Purpose = Purpose.TRAIN,
+                stream: int = SAMPLE) -> np.random.Generator:
+    """The generator of one episode's ``stream``, a function of its id only."""
+    if min(seed, step, index, stream) < 0:
+        raise ValueError(f"episode ids are non-negative, got seed={seed} step={step} index={index} stream={stream}")
+    # The sampling stream keeps its original 3-word spawn key, so episodes drawn before streams existed are unchanged;
+    # another stream appends a non-zero word (a different SeedSequence pool).
+    key = (int(purpose), step, index) if stream == SAMPLE else (int(purpose), step, index, stream)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import pytest
@@ -82,6 +83,19 @@ def flat(params) -> torch.Tensor:
     return torch.cat([v.reshape(-1) for v in params.values()])
 
 
+def assert_directional_derivative(loss, params, grads, seed: int, rel_tol: float, eps: float = 1e-6) -> None:
+    """<grads, d> equals the central finite difference of ``loss`` (a parameter dict -> float) along a random d.
+
+    ``d`` has one standard normal tensor per parameter, each drawn from a fresh generator seeded ``seed``.
+    """
+    direction = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(seed), dtype=v.dtype)
+                 for k, v in params.items()}
+    fd = (loss({k: params[k] + eps * direction[k] for k in params})
+          - loss({k: params[k] - eps * direction[k] for k in params})) / (2 * eps)
+    analytic = sum(float((grads[k] * direction[k]).sum()) for k in params)
+    assert math.isclose(analytic, fd, rel_tol=rel_tol), (analytic, fd)
+
+
 def tiny_config(tmp_path, **sections) -> Config:
     """A small, fast sine config rooted in tmp_path; ``sections`` override top-level sections."""
     data = {
@@ -95,5 +109,11 @@ def tiny_config(tmp_path, **sections) -> Config:
         "tracking": {"plots": False, "log_model": False, "log_checkpoint": False},
     }
     for section, values in sections.items():
-        data[section] = {**data.get(section, {}), **values}
+        base = data.get(section, {})
+        if section == "algorithm":  # keep only the defaults the chosen algorithm has
+            from learners.registry import variant
+
+            known = variant(values.get("name", "maml")).model_fields
+            base = {k: v for k, v in base.items() if k in known}
+        data[section] = {**base, **values}
     return parse_config(data)

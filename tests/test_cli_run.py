@@ -74,3 +74,63 @@ def test_hard_kill_then_resume_ends_at_the_same_theta(tmp_path):
     a = checkpoint.load(tmp_path / "runs" / "whole").params
     b = checkpoint.load(ckpt).params
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def started(tmp_path, steps, at_step, mode="inprocess", **workers):
+    """``metaray train`` in a subprocess, returned once it has printed ``step at_step/``."""
+    path = write_config(tmp_path, steps, mode=mode, name="stopped")
+    data = yaml.safe_load(path.read_text())
+    data["run"].update({"checkpoint_every": 100000, "log_every": 1})
+    data["workers"].update(workers)
+    path.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"step {at_step}/"):
+            return proc, lines
+    proc.wait()
+    raise AssertionError(f"the run ended before step {at_step}: {proc.stderr.read()[-2000:]}")
+
+
+def mlflow_status(name):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("metaray-sine").experiment_id],
+                                f"attributes.run_name = '{name}'", order_by=["attributes.start_time DESC"],
+                                max_results=1)
+    return run.info.status
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_marks_the_run_killed(tmp_path):
+    proc, lines = started(tmp_path, steps=100000, at_step=3)
+    proc.send_signal(signal.SIGTERM)  # what a preempted node, Kubernetes or `ray job stop` sends
+    out, err = proc.communicate(timeout=120)
+    lines.append(out)
+    assert proc.returncode == 143, err[-2000:]
+    step = checkpoint.load(tmp_path / "runs" / "stopped").step
+    assert 3 <= step < 100000  # not the last periodic checkpoint (there was none): the interruption
+    assert f"interrupted: checkpoint at step {step}" in "".join(lines) and "--resume" in "".join(lines)
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert mlflow_status("stopped") == "KILLED"
+
+
+def test_ctrl_c_during_evaluation_says_what_is_saved_and_marks_the_run_killed(tmp_path):
+    path = write_config(tmp_path, steps=2, name="evaluating")
+    data = yaml.safe_load(path.read_text())
+    data["eval"] = {"tasks": 100000, "batch_tasks": 100, "steps": [0, 50]}  # long enough to be interrupted
+    path.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/2"):
+            break
+    time.sleep(1.0)  # into the evaluation
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "the checkpoint at step 2 is complete" in out and "metaray eval" in out
+    assert "stopped by SIGINT" in err and "Traceback" not in err
+    assert mlflow_status("evaluating") == "KILLED"
