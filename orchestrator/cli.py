@@ -31,7 +31,7 @@ from orchestrator.errors import RunFailed
 from orchestrator.interrupts import Interrupted
 from orchestrator.run import evaluate_checkpoint, train
 from orchestrator.sweep import sweep
-from orchestrator.sweep_plan import DEFAULT_METRIC
+from orchestrator.sweep_plan import TRAINING_METRIC, VALIDATION_METRIC
 from orchestrator.tracking import DEFAULT_URI, TrackingError
 from tasks.store import DataError
 
@@ -111,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo",
                    help="fifo: every trial trains to the end; asha: stop poor trials at their reports (every "
                         "run.log_every steps)")
-    s.add_argument("--metric", default=DEFAULT_METRIC, help=f"what the scheduler and 'best' compare (default "
-                                                            f"{DEFAULT_METRIC})")
+    s.add_argument("--metric", help=f"what the scheduler and 'best' compare (default: {VALIDATION_METRIC} when the "
+                                    f"trials validate (eval.every), else {TRAINING_METRIC})")
     s.add_argument("--mode", choices=["min", "max"], default="min", help="minimize or maximize --metric")
     s.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name (same command)")
     s.add_argument("--register", metavar="NAME", help="register the best trial's model in the MLflow model "

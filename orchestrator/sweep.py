@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterator
 from orchestrator.atomic import write_atomic
 from orchestrator.config import Config, ConfigError
 from orchestrator.interrupts import Interrupted
-from orchestrator.sweep_plan import DEFAULT_METRIC, Plan, plan
+from orchestrator.sweep_plan import Plan, plan
 from orchestrator.tracking import open_tracker
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class SweepResult:
 
 def sweep(paths: list[str], overrides: list[str] = (), grid: list[str] = (), experiment: str | None = None,
           name: str | None = None, out=sys.stdout, *, search: list[str] = (), samples: int = 1,
-          max_concurrent: int | None = None, scheduler: str = "fifo", metric: str = DEFAULT_METRIC,
+          max_concurrent: int | None = None, scheduler: str = "fifo", metric: str | None = None,
           mode: str = "min", resume: bool = False, register: str | None = None) -> SweepResult:
     """Run (or with ``resume`` continue) a sweep on Ray Tune; the parent MLflow run gets its summary.
 
@@ -75,7 +75,7 @@ def sweep(paths: list[str], overrides: list[str] = (), grid: list[str] = (), exp
         parent = open_tracker(parent_cfg, state={"run_id": parent_id}, command="sweep", run_dir=p.folder)
         write_atomic(p.folder / STATE, json.dumps({"parent_run_id": parent.run_id, **p.settings}, indent=1))
         parent.log_params({f"sweep.{k}": v for k, v in {**p.settings, "max_concurrent": max_concurrent}.items()})
-        print(f"sweep {p.name}: {len(p.trials)} trials ({scheduler}, {metric} {mode}) in {p.folder}", file=out,
+        print(f"sweep {p.name}: {len(p.trials)} trials ({scheduler}, {p.settings['metric']} {mode}) in {p.folder}", file=out,
               flush=True)
         with _sigterm_as_sigint() as signals:
             analysis = _tune(p, parent.run_id, max_concurrent, resume)

@@ -18,9 +18,9 @@ from orchestrator.config import Config, ConfigError, load_config
 from orchestrator.search_space import Axis, expand, parse_grid, parse_search
 from orchestrator.tracking import experiment_name, resolve_uri
 
-# The metric schedulers and "best trial" use. Validation metrics (val/loss every eval.every steps) are the
-# right default once runs report them; until then, the meta-training loss.
-DEFAULT_METRIC = "meta/loss"
+# What schedulers and "best trial" compare by default: the validation loss when every trial validates
+# (eval.every), else the meta-training loss (on the trials' common training batches).
+VALIDATION_METRIC, TRAINING_METRIC = "val/loss", "meta/loss"
 METRIC_PREFIXES = ("meta/", "inner/", "val/", "orchestrator/", "perf/")
 
 
@@ -46,16 +46,16 @@ class Plan:
 
 
 def plan(paths: list[str], overrides: list[str] = (), search: list[str] = (), grid: list[str] = (),
-         samples: int = 1, scheduler: str = "fifo", metric: str = DEFAULT_METRIC, mode: str = "min",
+         samples: int = 1, scheduler: str = "fifo", metric: str | None = None, mode: str = "min",
          experiment: str | None = None, name: str | None = None) -> Plan:
     """Expand and validate every trial (ConfigError, naming the key or flag, on the first problem)."""
     if not paths:
         raise ConfigError("sweep needs at least one config file")
     if samples < 1:
         raise ConfigError(f"--samples {samples}: must be at least 1")
-    if not metric.startswith(METRIC_PREFIXES):
+    if metric is not None and not metric.startswith(METRIC_PREFIXES):
         raise ConfigError(f"--metric {metric!r}: trials report meta/*, inner/*, val/*, orchestrator/* and perf/* "
-                          f"metrics, e.g. --metric {DEFAULT_METRIC}")
+                          f"metrics, e.g. --metric {TRAINING_METRIC}")
     axes: list[Axis] = [parse_grid(g) for g in grid] + [parse_search(s) for s in search]
     bases = [load_config(p, list(overrides)) for p in paths]  # each file once, before any trial is built
     first = bases[0]
@@ -83,6 +83,11 @@ def plan(paths: list[str], overrides: list[str] = (), search: list[str] = (), gr
         raise ConfigError("; ".join(dict.fromkeys(errors)))
     for _, cfg in specs:
         _check_fits_a_trial(cfg)
+    validating = all(cfg.eval.every for _, cfg in specs)
+    metric = metric or (VALIDATION_METRIC if validating else TRAINING_METRIC)
+    if metric.startswith("val/") and not validating:
+        raise ConfigError(f"--metric {metric}: only trials that validate report it; set eval.every (e.g. "
+                          f"--set eval.every=100) or compare on {TRAINING_METRIC}")
     names = trial_names([s for s, _ in specs], [c.run.name for _, c in specs])
     trials = [TrialSpec(n, s, cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": n})}))
               for n, (s, cfg) in zip(names, specs)]

@@ -80,7 +80,7 @@ def outcomes(analysis, plan: Plan, parent_run_id: str | None) -> list[TrialOutco
         elif trial.status == "ERROR":
             status = "failed"
         else:
-            status = "completed" if step >= spec.config.outer.steps else "stopped early"
+            status = "completed" if last.get("completed") else "stopped early"  # (its own early stopping: completed)
         frame = frames.get(trial.trial_id) if trial is not None else None
         curve = []
         if frame is not None and metric in frame and "step" in frame:

@@ -94,17 +94,21 @@ class Reporter:
         return self.stopped
 
     def final(self, step: int, results: dict) -> None:
-        """The last report: the final checkpoint (saved by the run) and the held-out scores."""
+        """The last report: the final checkpoint (saved by the run), the held-out scores, ``completed``."""
         scores = {f"eval/{ev}/{m}_step{s}": sc.mean for ev, by_metric in results.items()
                   for m, by_step in by_metric.items() for s, sc in by_step.items()}
-        self.stopped = self._report(step, True, scores)
+        known = {*self._last, *self._window}
+        if self.metric not in known:
+            raise ConfigError(f"--metric {self.metric}: this trial reports {', '.join(sorted(known))}")
+        self.stopped = self._report(step, True, {**scores, "completed": 1.0})
 
     def _report(self, step: int, checkpointed: bool, extra: dict[str, float] | None = None) -> bool:
-        """Report the window's means; True when Tune stopped the trial at this report."""
-        means = {k: _mean(v) for k, v in self._window.items()} or dict(self._last)
+        """Report the window's means (and the latest value of what the window lacks: validation metrics between
+        validations); True when Tune stopped the trial at this report."""
+        means = {**self._last, **{k: _mean(v) for k, v in self._window.items()}}
+        if self.metric not in means:  # e.g. val/loss before the first validation: nothing to compare yet
+            return False
         self._window, self._last = {}, means
-        if self.metric not in means:
-            raise ConfigError(f"--metric {self.metric}: this trial reports {', '.join(sorted(means))}")
         report = {**means, **(extra or {}), "step": step, "node_ip": ray.util.get_node_ip_address()}
         if not math.isfinite(report[self.metric]):
             # A diverged trial is the worst trial: NaN would never be stopped by ASHA (NaN < x is false).
@@ -166,9 +170,9 @@ class Progress(tune.Callback):
             print(f"  trial {_name(trial)}: step {result['step']}/{total} {metric} {result[metric]:.4g}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        step, total = trial.last_result.get("step", 0), trial.config[TRIAL]["config"]["outer"]["steps"]
-        print(f"  trial {_name(trial)}: " + ("done" if step >= total else f"stopped early at step {step}"),
-              flush=True)
+        last = trial.last_result
+        print(f"  trial {_name(trial)}: " + ("done" if last.get("completed") else
+                                             f"stopped early at step {last.get('step', 0)}"), flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"  trial {_name(trial)}: FAILED ({trial_error(trial)}); the other trials go on", flush=True)

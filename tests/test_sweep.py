@@ -116,6 +116,7 @@ def test_trial_names_start_with_the_swept_values():
     (["--grid", "outer.lr=[1]", "--search", "outer.lr=grid([2])"], "swept twice"),
     (["--samples", "0"], "--samples"),
     (["--metric", "loss"], "--metric 'loss'"),
+    (["--metric", "val/acc"], "only trials that validate report it; set eval.every"),
     (["--set", "workers.max_workers=2"], "workers.max_workers: 2 > workers.num_workers=1"),
     (["--resume", "--name", "nothing-here"], "no sweep in"),
 ])
@@ -149,6 +150,8 @@ def test_plan_sets_each_trial_apart_and_sizes_its_placement_group(tmp_path):
         assert t.config.outer.lr == t.swept["outer.lr"]
         bundles = placement(t.config).bundles
         assert bundles == [{"CPU": 0.5}] + [{"CPU": 0.5}] * t.config.workers.num_workers  # learner + workers
+    assert p.settings["metric"] == "meta/loss"  # no validation: the training loss on the trials' common batches
+    assert plan([str(write_config(tmp_path))], ["eval.every=2"], name="v").settings["metric"] == "val/loss"
     gpu = load_config(write_config(tmp_path), ["workers.mode=ray", "workers.num_gpus=0.25", "workers.num_workers=2"])
     assert placement(gpu).bundles == [{"CPU": 0.5}, {"CPU": 0.5, "GPU": 0.25}, {"CPU": 0.5, "GPU": 0.25}]
     assert placement(load_config(write_config(tmp_path))).bundles == [{"CPU": 0.5}]  # in-process: the learner only
@@ -289,13 +292,15 @@ def test_trials_spread_over_the_nodes_of_a_cluster(tmp_path, mlflow_store):
     try:
         for i in range(2):
             c.add_node(num_cpus=1, node_ip_address=f"127.0.0.{3 + i}")
-        # In-process workers: each trial is one actor, of 1 CPU: a node's worth.
-        path = write_config(tmp_path, outer={"steps": 2}, workers={"learner_num_cpus": 1})
+        # In-process workers: each trial is one actor, of 1 CPU: a node's worth. Trials validate, so they are
+        # compared on val/loss (reported with its latest value between validations).
+        path = write_config(tmp_path, outer={"steps": 4}, workers={"learner_num_cpus": 1},
+                            eval={"every": 2, "val_tasks": 10})
         assert main(["sweep", str(path), "--grid", "outer.lr=[0.01, 0.02]", "--address", c.address,
                      "--max-concurrent", "2", "--name", "spread", "--experiment", "sweep-spread"]) == 0
     finally:
         ray.shutdown()
         c.shutdown()
     table = (tmp_path / "runs" / "spread" / "sweep_results.md").read_text().splitlines()
-    assert table[0].rstrip(" |").endswith("node")
+    assert "| val/loss |" in table[0] and table[0].rstrip(" |").endswith("node")
     assert {row.rstrip(" |").rsplit("| ", 1)[1] for row in table[2:]} == {"127.0.0.3", "127.0.0.4"}
