@@ -266,6 +266,10 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
     runs = children(client, parent_id)
     assert len(runs) == 4 and {r.info.status for r in runs.values()} == {"FINISHED"}  # no run started twice
     assert runs["sine-maml_lr-1e-06"].data.tags["metaray.sweep.trial"] == "stopped early at step 3"
+    # Siblings in one experiment, each with its own config as params (the meaning of the old sweep test).
+    assert {(r.data.params["algorithm.name"], r.data.params["outer.lr"]) for r in runs.values()} == {
+        ("maml", "0.03"), ("maml", "1e-06"), ("fomaml", "0.03"), ("fomaml", "1e-06")}
+    assert {r.info.experiment_id for r in runs.values()} == {client.get_run(parent_id).info.experiment_id}
     for t in result.trials:
         assert t.run_id == before.get(t.name, (t.run_id,))[0]
         assert steps_of(client, t.run_id) == list(range(t.step)), t.name  # every step once
