@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -229,19 +228,12 @@ def _store_file(uri: str) -> Path | None:
 
 
 def _stop_group(server: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM to the server's process group, SIGKILL to whatever is left of it after ``grace_s``."""
-    try:
+    """SIGTERM to the server's process group; after the server has exited (or ``grace_s``), SIGKILL to whatever
+    is left of the group (workers it did not take down with it)."""
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        server.poll()  # reap the server itself; its workers are reaped by it, or by init
-        try:
-            os.killpg(server.pid, 0)  # anyone left in the group?
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(grace_s)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, signal.SIGKILL)
     server.wait()
