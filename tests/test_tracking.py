@@ -190,7 +190,7 @@ def test_default_store_is_local_sqlite_and_ui_serves_it(tmp_path):
     ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)], cwd=tmp_path,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        body, deadline = None, time.monotonic() + 90
+        body, deadline = None, time.monotonic() + 180
         while body is None and time.monotonic() < deadline:
             try:
                 req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
