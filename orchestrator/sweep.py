@@ -75,8 +75,8 @@ def sweep(paths: list[str], overrides: list[str] = (), grid: list[str] = (), exp
         parent = open_tracker(parent_cfg, state={"run_id": parent_id}, command="sweep", run_dir=p.folder)
         write_atomic(p.folder / STATE, json.dumps({"parent_run_id": parent.run_id, **p.settings}, indent=1))
         parent.log_params({f"sweep.{k}": v for k, v in {**p.settings, "max_concurrent": max_concurrent}.items()})
-        print(f"sweep {p.name}: {len(p.trials)} trials ({scheduler}, {p.settings['metric']} {mode}) in {p.folder}", file=out,
-              flush=True)
+        print(f"sweep {p.name}: {len(p.trials)} trials ({scheduler}, {p.settings['metric']} {mode}) in {p.folder}",
+              file=out, flush=True)
         with _sigterm_as_sigint() as signals:
             analysis = _tune(p, parent.run_id, max_concurrent, resume)
         outcomes = sweep_report.outcomes(analysis, p, parent.run_id)

@@ -92,7 +92,8 @@ def test_trial_names_start_with_the_swept_values():
                         ["sine-maml", "sine-maml"])
     assert names == ["inner_lr-0.01235_lr-0.001_sine-maml", "inner_lr-0.1_lr-0.001_sine-maml"]
     # Two keys ending alike keep their full names; names that would repeat get the trial number.
-    assert trial_names([{"algorithm.inner_lr": 1, "eval.inner_lr": 2}], ["s"]) == ["algorithm.inner_lr-1_eval.inner_lr-2_s"]
+    assert trial_names([{"algorithm.inner_lr": 1, "eval.inner_lr": 2}], ["s"]) == [
+        "algorithm.inner_lr-1_eval.inner_lr-2_s"]
     assert trial_names([{"outer.lr": 0.1}, {"outer.lr": 0.1}], ["s", "s"]) == ["lr-0.1_s-t00", "lr-0.1_s-t01"]
     # Several config files: the file's run name is the first swept value.
     assert trial_names([{"config": "sine-maml", "outer.lr": 0.1}], ["sine-maml"]) == ["sine-maml_lr-0.1"]
@@ -278,7 +279,7 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
     log = (tmp_path / "runs" / "asha" / "sine-fomaml_lr-0.03" / "train.log").read_text()
     assert re.search(r"resuming \S+ at step ([4-9]|1[01])", log), log  # its checkpoint, not step 0
     assert client.get_run(parent_id).info.status == "FINISHED"
-    files = [a.path for a in client.list_artifacts(parent_id)] + [a.path for a in client.list_artifacts(parent_id, "plots")]
+    files = [a.path for folder in ("", "plots") for a in client.list_artifacts(parent_id, folder)]
     assert {"sweep_results.md", "best_config.yaml", "plots/sweep_comparison.png"} <= set(files)
     table = (tmp_path / "runs" / "asha" / "sweep_results.md").read_text()
     assert table.splitlines()[0].startswith("| run | config | outer.lr | status |")
