@@ -34,6 +34,7 @@ from orchestrator.tracking import open_tracker
 from tasks.episode import EpisodeIds, Purpose
 
 HISTORY_PREFIXES = ("meta/", "inner/", "orchestrator/")
+OnStep = Callable[[int, dict[str, float], Callable[[], None]], bool]
 
 
 @dataclass
@@ -68,8 +69,10 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdo
 
 
 def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: str | None,
-               should_stop: Callable[[], bool] | None) -> TrainResult:
-    """``train`` with the learner in this process."""
+               should_stop: Callable[[], bool] | None, on_step: OnStep | None = None) -> TrainResult:
+    """``train`` with the learner in this process. ``on_step(step, metrics, save)`` is called after every
+    meta-step (with the validation metrics of that step, if any; ``save()`` checkpoints now); when it returns
+    True (a sweep's scheduler stopped the trial) training ends there: checkpointed and closed, not evaluated."""
     ckpt = _starting_point(cfg, resume, out)
     algorithm = build_algorithm(cfg)
     # Opened before Ray starts: an unusable tracking store is reported before any work is done.
@@ -98,7 +101,7 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
                                 selection=selection.state_dict() if selection else None)
 
             first_step = learner.step
-            loop = _Loop(cfg, learner, group, tracker, selection, save, out)
+            loop = _Loop(cfg, learner, group, tracker, selection, save, out, on_step)
             try:
                 with signals.graceful_section():
                     loop.run(signals)
@@ -117,7 +120,7 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
             theta = ParamSpec.of(params).flatten(params).numpy().astype(np.float32)
             results, test_curve = {}, None
             try:
-                if evaluate:
+                if evaluate and not loop.stopped:
                     results, curves = evaluate_and_report(cfg, algorithm, group, theta, tracker, learner.step,
                                                           cfg.run_dir, out)
                     test_curve = mean_ci(curves["test"]["loss"])
@@ -164,10 +167,11 @@ class _Loop:
     validation and early stopping."""
 
     def __init__(self, cfg: Config, learner: CentralLearner, group, tracker, selection: ModelSelection | None,
-                 save: Callable[..., None], out):
+                 save: Callable[..., None], out, on_step: OnStep | None = None):
         self.cfg, self.learner, self.group, self.tracker = cfg, learner, group, tracker
-        self.selection, self.save, self.out = selection, save, out
+        self.selection, self.save, self.out, self.on_step = selection, save, out, on_step
         self.history: dict[str, list[float]] = {}
+        self.stopped = False  # by on_step
 
     def run(self, signals: StopSignals) -> None:
         cfg, learner = self.cfg, self.learner
@@ -181,12 +185,16 @@ class _Loop:
                     self.history.setdefault(k, []).append(v)
             if learner.step % cfg.run.log_every == 0 or learner.step == cfg.outer.steps:
                 _progress(self.out, learner.step, cfg.outer.steps, metrics, time.perf_counter() - started)
+            validated = {}
             if self.selection and (learner.step % cfg.eval.every == 0 or learner.step == cfg.outer.steps):
-                self._validate()
+                validated = self._validate()
             if learner.step % cfg.run.checkpoint_every == 0:
                 self.save()
+            if self.on_step is not None and self.on_step(learner.step, {**metrics, **validated}, self.save):
+                self.stopped = True
+                break
 
-    def _validate(self) -> None:
+    def _validate(self) -> dict[str, float]:
         step, selection = self.learner.step, self.selection
         start = time.perf_counter()
         metrics = validate(self.cfg, self.group, self.learner.theta())
@@ -201,6 +209,7 @@ class _Loop:
         if selection.exhausted:
             print(f"early stop at step {step}: no better {selection.key} in {selection.patience} validations",
                   file=self.out, flush=True)
+        return metrics
 
 
 def _log_artifacts(cfg: Config, algorithm, params: Params, tracker, history, first_step: int, step: int) -> None:
