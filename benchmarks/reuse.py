@@ -7,7 +7,9 @@ import time
 
 from orchestrator import checkpoint
 from orchestrator.config import Config
-from orchestrator.run import train
+from orchestrator.evaluate import to_json
+from orchestrator.interrupts import Interrupted
+from orchestrator.run import evaluate_checkpoint, train
 
 
 def train_or_reuse(cfg: Config) -> tuple[dict, str]:
@@ -19,3 +21,19 @@ def train_or_reuse(cfg: Config) -> tuple[dict, str]:
         train(cfg, resume=(cfg.run_dir / checkpoint.FILENAME).exists())
         seconds.write_text(f"{time.perf_counter() - start:.1f}\n")
     return json.loads(done.read_text()), seconds.read_text().strip() if seconds.exists() else "?"
+
+
+def train_for_seconds(cfg: Config, seconds: float) -> tuple[dict, str, int]:
+    """Train ``cfg`` for ``seconds`` of wall time (it stops at a step boundary, with a checkpoint), evaluate that
+    checkpoint, or re-use such a run: its evaluation, training seconds and meta-steps done."""
+    done = cfg.run_dir / "eval-timed.json"
+    seconds_file = cfg.run_dir / "train_seconds.txt"
+    if not done.exists():
+        start = time.perf_counter()
+        try:
+            train(cfg, evaluate=False, should_stop=lambda: time.perf_counter() - start > seconds)
+        except Interrupted:
+            pass  # the time is up: the checkpoint holds the last finished step
+        seconds_file.write_text(f"{time.perf_counter() - start:.1f}\n")
+        done.write_text(json.dumps(to_json(evaluate_checkpoint(cfg.run_dir, cfg))))
+    return json.loads(done.read_text()), seconds_file.read_text().strip(), checkpoint.load(cfg.run_dir).step

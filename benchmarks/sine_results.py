@@ -16,23 +16,24 @@ from reuse import train_or_reuse
 
 from orchestrator.config import load_config
 
-ORDER = ["maml", "fomaml", "anil", "reptile", "hypernet", "transfer", "scratch"]
+ORDER = ["maml", "metasgd", "mamlpp", "imaml", "fomaml", "anil", "reptile", "hypernet", "transfer", "scratch"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="configs/sine-*.yaml")
+    ap.add_argument("--configs", nargs="+", default=["configs/sine-*.yaml"], help="config files or patterns")
     ap.add_argument("--steps", type=int, default=30000, help="meta-steps for every algorithm that trains")
     ap.add_argument("--dir", default="runs/sine-results")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
     rows = {}
-    for path in sorted(glob.glob(args.configs)):
+    for path in sorted({p for pattern in args.configs for p in glob.glob(pattern)}):
         cfg = load_config(path, [f"run.dir={args.dir}", *args.overrides])
         if cfg.algorithm.name != "scratch":
             cfg = load_config(path, [f"run.dir={args.dir}", f"outer.steps={args.steps}", *args.overrides])
-        rows[cfg.algorithm.name] = (cfg, *train_or_reuse(cfg))
+        # Rows by config (sine-mamlpp.yaml is MAML with options): the run name without its "sine-".
+        rows[cfg.run.name.removeprefix("sine-")] = (cfg, *train_or_reuse(cfg))
 
     print(f"\nsine regression, K=10, 600 held-out tasks, query MSE mean ± 95% CI ({args.steps} meta-steps)\n")
     evaluations = next(iter(rows.values()))[1].keys()

@@ -50,3 +50,12 @@ class Algorithm(Protocol):
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
         """SUM over the episodes of each task's meta-gradient, plus summed query statistics."""
         ...
+
+
+class StepDependent(Protocol):
+    """Optional: an algorithm whose settings follow the meta-step (MAML++'s annealed multi-step loss and
+    derivative order). The worker calls ``for_step`` before each ``meta_gradient`` when an algorithm has it."""
+
+    def for_step(self, step: int) -> Algorithm:
+        """The algorithm as configured for meta-step ``step``: a configured copy (or itself), never a mutation."""
+        ...

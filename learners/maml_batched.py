@@ -9,7 +9,7 @@ axis (task t's copy only enters task t's loss, so its gradient is task t's own),
 gradient is one backward through all of it. The same numbers as vmap over ``MAML.task_loss`` up to
 float rounding (tested).
 
-It covers plain MAML, FOMAML and ANIL: fixed-rate SGD steps on ``tunable`` entries, the query loss
+It covers plain MAML, FOMAML and ANIL: fixed-rate SGD steps (no MAML++ option, no checkpointing) on ``tunable`` entries, the query loss
 after the last one. For anything else (a subclass, an option it does not know) ``batched_losses``
 returns None and MAML takes a gradient per task with vmap.
 """
@@ -25,7 +25,7 @@ from learners.strategy import LossFn
 
 # The MAML fields this file implements; a MAML whose other fields are not at their defaults is not plain.
 _KNOWN = {"model", "objective", "inner_steps", "inner_lr", "first_order", "inner_keys", "strategy", "name",
-          "compile", "_cache"}
+          "compile", "_cache", "update"}
 
 
 def batched_losses(maml) -> LossFn | None:
@@ -60,6 +60,10 @@ def batched_losses(maml) -> LossFn | None:
 
 
 def _at_defaults(maml) -> bool:
+    from learners.inner_update import InnerUpdate
+
+    if maml.update != InnerUpdate(maml.inner_lr):  # learned rates, per-step norms, a proximal pull
+        return False
     for f in dataclasses.fields(maml):
         if f.name in _KNOWN:
             continue

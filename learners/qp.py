@@ -31,6 +31,7 @@ stepped at once:
    KKT error is lower. Measured at tol 1e-8: 9-13 steps at 5-way 1- and 5-shot.
 
 Where both apply they agree to rounding; ``method="interior_point"`` skips step 1.
+``QPResult.by_active_set`` marks the tasks step 1 solved.
 
 Backward: implicit differentiation of the KKT conditions (as OptNet does). The
 adjoint system has the same block structure as a Newton step. For a polished
@@ -46,7 +47,8 @@ puts a NaN into a meta-batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Self
 
 import torch
 
@@ -64,6 +66,7 @@ class QPResult:
     iters: Tensor  # [T] steps taken: active-set steps plus interior-point steps
     error: Tensor  # [T] scale-free KKT error at the returned point (see ``kkt_error``)
     polished: Tensor  # [T] bool: x is the exact solution for its active set (the backward differentiates that)
+    by_active_set: Tensor  # [T] bool: the active-set steps alone solved it (the interior point never ran for it)
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -84,7 +87,8 @@ def solve_qp(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int = 15, tol
     float64 on one device. ``tol`` (default ``default_tol(dtype)``) is the scale-free KKT error
     (``kkt_error``) a task must reach to be ``ok``. ``method="active_set"`` (the default) takes
     up to ``max_iter`` active-set steps and hands the tasks they leave to up to ``max_iter``
-    interior-point steps; ``method="interior_point"`` uses the interior point alone.
+    interior-point steps (``QPResult.by_active_set`` tells them apart); ``method="interior_point"``
+    uses the interior point alone.
 
     >>> T, S, N = 2, 4, 3
     >>> P = torch.eye(S).expand(T, S, S); R = -torch.ones(T, S, N)
@@ -107,8 +111,8 @@ def solve_qp(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int = 15, tol
         raise ValueError(f"need max_iter >= 1 and tol > 0, got max_iter={max_iter}, tol={tol}")
     if method not in ("active_set", "interior_point"):
         raise ValueError(f"method must be 'active_set' or 'interior_point', got {method!r}")
-    x, nu, lam, ok, iters, err, polished, *_ = _QPFunction.apply(P, R, U, b, max_iter, tol, method)
-    return QPResult(x, nu, lam, ok, iters, err, polished)
+    out = _Outputs(*_QPFunction.apply(P, R, U, b, max_iter, tol, method))
+    return QPResult(**{f.name: getattr(out, f.name) for f in fields(QPResult)})
 
 
 def kkt_residuals(P: Tensor, R: Tensor, U: Tensor, b: Tensor, x: Tensor, nu: Tensor, lam: Tensor) -> dict[str, Tensor]:
@@ -123,38 +127,135 @@ def kkt_residuals(P: Tensor, R: Tensor, U: Tensor, b: Tensor, x: Tensor, nu: Ten
     }
 
 
-def _amax(t: Tensor) -> Tensor:
-    return t.abs().flatten(1).amax(1)
-
-
 def kkt_error(P: Tensor, R: Tensor, U: Tensor, b: Tensor, x: Tensor, s: Tensor, nu: Tensor, lam: Tensor) -> Tensor:
     """Scale-free KKT error per task: residuals relative to the size of the terms they balance.
 
     Invariant to rescaling (P, R) together (the duals scale along) and to rescaling (x, U, b).
     """
-    return _error(R, U, b, x, s, nu, lam, *_residuals(P, R, U, b, x, s, nu, lam))
+    qp = _Problem(P, R, U, b)
+    return _error(qp, x, s, nu, lam, _residuals(qp, x, s, nu, lam))
 
 
-def _residuals(P: Tensor, R: Tensor, U: Tensor, b: Tensor, x: Tensor, s: Tensor, nu: Tensor, lam: Tensor):
-    """P x, then the stationarity, row-sum and bound residuals."""
-    px = P @ x
-    return px, px + R + nu.unsqueeze(-1) + lam, x.sum(-1) - b, x + s - U
+# --- The solver's state: named per-task batches, selected and scattered by field name, never by position.
+
+def _per_task(v: Tensor, like: Tensor) -> Tensor:
+    """A per-task value [T] shaped to broadcast against ``like`` [T, ...]."""
+    return v.view(-1, *[1] * (like.dim() - 1))
 
 
-def _error(R, U, b, x, s, nu, lam, px, r_d, r_e, r_p) -> Tensor:
+def _col(t: Tensor) -> Tensor:
+    """A per-task value [T] broadcastable against [T, S, N]."""
+    return t.view(-1, 1, 1)
+
+
+class _Tasks:
+    """For dataclasses whose fields are all [T, ...] tensors (or such dataclasses): select, gather and scatter tasks.
+
+    ``other`` is always a batch of the same type, so fields pair up by name; no caller depends on their order.
+    """
+
+    def _fields(self) -> list:
+        return [getattr(self, name) for name in self.__dataclass_fields__]  # cheaper than dataclasses.fields
+
+    def where(self, mask: Tensor, other: Self) -> Self:
+        """This batch on the tasks where ``mask`` [T] holds, ``other`` on the rest."""
+        return type(self)(*(a.where(mask, b) if isinstance(a, _Tasks) else torch.where(_per_task(mask, a), a, b)
+                            for a, b in zip(self._fields(), other._fields())))
+
+    def index(self, tasks: Tensor) -> Self:
+        """The sub-batch of ``tasks`` (indices)."""
+        return type(self)(*(a.index(tasks) if isinstance(a, _Tasks) else a[tasks] for a in self._fields()))
+
+    def assign(self, tasks: Tensor, other: Self) -> None:
+        """Write ``other`` (a batch of ``len(tasks)``) over ``tasks``, in place."""
+        for mine, theirs in zip(self._fields(), other._fields()):
+            if isinstance(mine, _Tasks):
+                mine.assign(tasks, theirs)
+            else:
+                mine[tasks] = theirs
+
+
+@dataclass
+class _Problem(_Tasks):
+    """The QPs of the module docstring, P [T,S,S], R and U [T,S,N], b [T,S]."""
+
+    P: Tensor
+    R: Tensor
+    U: Tensor
+    b: Tensor
+
+
+@dataclass
+class _Iterate(_Tasks):
+    """A primal-dual point per task, x [T,S,N], slack s = U - x, multipliers nu [T,S] and lam, and its KKT error [T]."""
+
+    x: Tensor
+    s: Tensor
+    nu: Tensor
+    lam: Tensor
+    err: Tensor
+
+
+@dataclass
+class _Solution(_Tasks):
+    """What the forward hands to the backward: the point and, per task, how it was found."""
+
+    point: _Iterate
+    polished: Tensor  # [T] bool: point is the exact solution for ``active``
+    active: Tensor  # [T,S,N] bool: the bounds pinned (meaningful where polished)
+    iters: Tensor  # [T] steps taken
+    by_active_set: Tensor  # [T] bool: solved by the active-set steps alone
+
+
+class _Residuals(NamedTuple):
+    """The KKT residuals of a point (``_residuals``)."""
+
+    px: Tensor  # P x
+    dual: Tensor  # stationarity: P x + R + nu 1^T + lam
+    eq: Tensor  # row sums: X 1 - b
+    primal: Tensor  # bounds: x + s - U
+
+
+class _Factor(NamedTuple):
+    """``_factor``'s output: inverses of the N blocks P + diag(D[:, m]), the Cholesky of their sum, per-task ok."""
+
+    inverses: Tensor  # [T,N,S,S]
+    chol: Tensor  # [T,S,S]
+    ok: Tensor  # [T] bool
+
+
+class _Direction(NamedTuple):
+    """A Newton step: changes of x, s, nu and lam."""
+
+    x: Tensor
+    s: Tensor
+    nu: Tensor
+    lam: Tensor
+
+
+def _amax(t: Tensor) -> Tensor:
+    return t.abs().flatten(1).amax(1)
+
+
+def _residuals(qp: _Problem, x: Tensor, s: Tensor, nu: Tensor, lam: Tensor) -> _Residuals:
+    px = qp.P @ x
+    return _Residuals(px, px + qp.R + nu.unsqueeze(-1) + lam, x.sum(-1) - qp.b, x + s - qp.U)
+
+
+def _error(qp: _Problem, x: Tensor, s: Tensor, nu: Tensor, lam: Tensor, res: _Residuals) -> Tensor:
     fi = torch.finfo(x.dtype)
     # One reduction per shape instead of one per term: this runs at every step of both methods.
-    terms = torch.stack([x, U, px, R, lam, r_p, r_d, s * lam], 1).flatten(2)
+    terms = torch.stack([x, qp.U, res.px, qp.R, lam, res.primal, res.dual, s * lam], 1).flatten(2)
     ax, au, apx, ar, alam, arp, ard, agap = terms.abs().amax(2).T
-    ab, anu, are = torch.stack([b, nu, r_e], 1).abs().amax(2).T
+    ab, anu, are = torch.stack([qp.b, nu, res.eq], 1).abs().amax(2).T
     p_scale = torch.stack([ax, ab, au * fi.eps**0.5]).amax(0).clamp(min=fi.tiny)
     d_scale = torch.stack([apx, ar, alam, anu]).amax(0).clamp(min=fi.tiny)
     errors = torch.stack([torch.maximum(arp, are) / p_scale, ard / d_scale, agap / (p_scale * d_scale)])
     return errors.amax(0).nan_to_num(float("inf"))
 
 
-def _factor(P: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Inverses of the N blocks P + diag(D[:, m]) ([T,N,S,S]), Cholesky of their sum, and a per-task ok flag."""
+def _factor(P: Tensor, D: Tensor) -> _Factor:
+    """Factor the N blocks P + diag(D[:, m]) and their Schur complement; a task whose Cholesky fails is not ok."""
     M = P.unsqueeze(1) + torch.diag_embed(D.transpose(1, 2))
     L, info = torch.linalg.cholesky_ex(M)
     good = (info == 0).all(1)
@@ -164,15 +265,15 @@ def _factor(P: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Ls, info_s = torch.linalg.cholesky_ex(Minv.sum(1))
     good &= info_s == 0
     Ls = torch.where(good.view(-1, 1, 1), Ls, eye)
-    return Minv, Ls, good
+    return _Factor(Minv, Ls, good)
 
 
-def _block_solve(Minv: Tensor, Ls: Tensor, g: Tensor, r_e: Tensor) -> tuple[Tensor, Tensor]:
+def _block_solve(f: _Factor, g: Tensor, r_e: Tensor) -> tuple[Tensor, Tensor]:
     """Solve (P + D) dX + dnu 1^T = g, dX 1 = -r_e for (dX, dnu), given ``_factor``'s output."""
     # Broadcast multiply-sum, not matmul: ~3x faster than bmm for these many tiny matrix-vector products on CPU.
-    Mg = (Minv * g.transpose(1, 2).unsqueeze(-2)).sum(-1)  # [T,N,S]
-    dnu = torch.cholesky_solve((Mg.sum(1) + r_e).unsqueeze(-1), Ls).squeeze(-1)
-    dX = Mg - (Minv * dnu.view(dnu.shape[0], 1, 1, -1)).sum(-1)
+    Mg = (f.inverses * g.transpose(1, 2).unsqueeze(-2)).sum(-1)  # [T,N,S]
+    dnu = torch.cholesky_solve((Mg.sum(1) + r_e).unsqueeze(-1), f.chol).squeeze(-1)
+    dX = Mg - (f.inverses * dnu.view(dnu.shape[0], 1, 1, -1)).sum(-1)
     return dX.transpose(1, 2), dnu
 
 
@@ -182,23 +283,19 @@ def _max_step(v: Tensor, dv: Tensor) -> Tensor:
     return ratio.flatten(1).amin(1).clamp(max=1.0)
 
 
-def _direction(Minv, Ls, r_d, r_e, r_p, s, lam, r_c):
-    """Newton direction (dx, ds, dnu, dlam) for complementarity target s * lam = s * lam - r_c."""
-    dx, dnu = _block_solve(Minv, Ls, -r_d - (lam * r_p - r_c) / s, r_e)
-    ds = -r_p - dx
-    return dx, ds, dnu, (-r_c - lam * ds) / s
+def _direction(f: _Factor, res: _Residuals, s: Tensor, lam: Tensor, r_c: Tensor) -> _Direction:
+    """Newton direction for complementarity target s * lam = s * lam - r_c, with ``f`` the factored P + lam / s."""
+    dx, dnu = _block_solve(f, -res.dual - (lam * res.primal - r_c) / s, res.eq)
+    ds = -res.primal - dx
+    return _Direction(dx, ds, dnu, (-r_c - lam * ds) / s)
 
 
-def _col(t: Tensor) -> Tensor:
-    """A per-task value [T] broadcastable against [T, S, N]."""
-    return t.view(-1, 1, 1)
-
-
-def _interior_point(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int, tol: float):
-    """Mehrotra predictor-corrector on the whole batch (no autograd); returns each task's best iterate."""
+def _interior_point(qp: _Problem, max_iter: int, tol: float) -> tuple[_Iterate, Tensor]:
+    """Mehrotra predictor-corrector on the whole batch (no autograd): each task's best iterate, and its step count."""
+    P, R, U, b = qp.P, qp.R, qp.U, qp.b
     # Start: the Newton point from x = 0 with D = I (a regularized least-squares fit), s and lam shifted inside.
-    Minv, Ls, good = _factor(P, torch.ones_like(R))
-    x, nu = _block_solve(Minv, Ls, U - R, -b)
+    f = _factor(P, torch.ones_like(R))
+    x, nu = _block_solve(f, U - R, -b)
     s = U - x
     lam = -s  # makes the start stationary: P x + R + nu 1^T + lam = 0
     # Mehrotra's shift into the interior: first by 1.5x the worst violation, then towards a centred pair.
@@ -208,47 +305,44 @@ def _interior_point(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int, t
     sum_s, sum_lam = s.flatten(1).sum(1).clamp(min=tiny), lam.flatten(1).sum(1).clamp(min=tiny)
     s, lam = s + _col(0.5 * sl / sum_lam), lam + _col(0.5 * sl / sum_s)
     s, lam = s.clamp(min=torch.finfo(s.dtype).eps), lam.clamp(min=torch.finfo(s.dtype).eps)
-    frozen = ~good
-    best: tuple[Tensor, ...] = ()
+    frozen = ~f.ok
+    best: _Iterate | None = None
     iters = torch.zeros(R.shape[0], dtype=torch.long, device=R.device)
     for it in range(max_iter + 1):
-        res = _residuals(P, R, U, b, x, s, nu, lam)
-        _, r_d, r_e, r_p = res
-        err = _error(R, U, b, x, s, nu, lam, *res).masked_fill(frozen, float("inf"))
+        res = _residuals(qp, x, s, nu, lam)
+        err = _error(qp, x, s, nu, lam, res).masked_fill(frozen, float("inf"))
         frozen |= err.isinf()
-        if best:
-            better = err < best[-1]
-            best = tuple(torch.where(better.view(-1, *[1] * (new.dim() - 1)), new, old)
-                         for new, old in zip((x, s, nu, lam, err), best))
-        else:
-            best = (x, s, nu, lam, err)
+        point = _Iterate(x, s, nu, lam, err)
+        best = point if best is None else point.where(err < best.err, best)
         move = ~frozen & (err > tol)
         if it == max_iter or not bool(move.any()):
             break
         mu = (s * lam).flatten(1).mean(1)
-        Minv, Ls, good = _factor(P, lam / s)
-        move &= good
-        frozen |= ~good
-        newton = (Minv, Ls, r_d, r_e, r_p, s, lam)
-        _, ds_a, _, dl_a = _direction(*newton, s * lam)  # predictor (affine scaling)
-        a = torch.minimum(_max_step(s, ds_a), _max_step(lam, dl_a))
-        mu_aff = ((s + _col(a) * ds_a) * (lam + _col(a) * dl_a)).flatten(1).mean(1)
+        f = _factor(P, lam / s)
+        move &= f.ok
+        frozen |= ~f.ok
+        aff = _direction(f, res, s, lam, s * lam)  # predictor (affine scaling)
+        a = torch.minimum(_max_step(s, aff.s), _max_step(lam, aff.lam))
+        mu_aff = ((s + _col(a) * aff.s) * (lam + _col(a) * aff.lam)).flatten(1).mean(1)
         sigma = (mu_aff / mu).clamp(0, 1) ** 3
-        dx, ds, dnu, dl = _direction(*newton, s * lam + ds_a * dl_a - _col(sigma * mu))  # corrector
-        a = 0.99 * torch.minimum(_max_step(s, ds), _max_step(lam, dl))
+        d = _direction(f, res, s, lam, s * lam + aff.s * aff.lam - _col(sigma * mu))  # corrector
+        a = 0.99 * torch.minimum(_max_step(s, d.s), _max_step(lam, d.lam))
         # Tasks that do not move keep their point (their directions may hold inf or NaN).
-        x, s, lam = (torch.where(_col(move), t + _col(a) * d, t) for t, d in ((x, dx), (s, ds), (lam, dl)))
-        nu = torch.where(move.view(-1, 1), nu + a.view(-1, 1) * dnu, nu)
+        moving, step = _col(move), _col(a)
+        x = torch.where(moving, x + step * d.x, x)
+        s = torch.where(moving, s + step * d.s, s)
+        lam = torch.where(moving, lam + step * d.lam, lam)
+        nu = torch.where(move.view(-1, 1), nu + a.view(-1, 1) * d.nu, nu)
         iters += move.long()
-    return (*best, iters)
+    return best, iters
 
 
-def _active_set(x: Tensor, s: Tensor, lam: Tensor, P: Tensor) -> Tensor:
+def _active_set(point: _Iterate, P: Tensor) -> Tensor:
     """Entries at their bound: multiplier large against the slack, both measured on their own scale."""
-    tiny = torch.finfo(x.dtype).tiny
-    p_scale = torch.maximum(_amax(x), _amax(s)).clamp(min=tiny)
-    d_scale = torch.maximum(_amax(P @ x), _amax(lam)).clamp(min=tiny)
-    return lam / _col(d_scale) > s / _col(p_scale)
+    tiny = torch.finfo(point.x.dtype).tiny
+    p_scale = torch.maximum(_amax(point.x), _amax(point.s)).clamp(min=tiny)
+    d_scale = torch.maximum(_amax(P @ point.x), _amax(point.lam)).clamp(min=tiny)
+    return point.lam / _col(d_scale) > point.s / _col(p_scale)
 
 
 def _big(P: Tensor) -> Tensor:
@@ -256,29 +350,29 @@ def _big(P: Tensor) -> Tensor:
     return _col(P.diagonal(dim1=1, dim2=2).amax(1) / torch.finfo(P.dtype).eps)
 
 
-def _pinned_solve(P: Tensor, R: Tensor, U: Tensor, b: Tensor, active: Tensor):
-    """The QP solved with exactly the ``active`` entries at their bounds: (x, s, nu, lam, err).
+def _pinned_solve(qp: _Problem, active: Tensor) -> _Iterate:
+    """The QP solved with exactly the ``active`` entries at their bounds.
 
     Pinning by the diagonal weight ``_big`` makes it one block factorization, like a Newton step.
     ``err`` is the scale-free KKT error joined with how far the dropped bounds are violated (x > U
     on a free entry, lam < 0 on a pinned one), inf where the factorization failed: err <= tol
     means ``active`` is the optimal active set and x the exact solution.
     """
-    D = active.to(P.dtype) * _big(P)
-    Minv, Ls, good = _factor(P, D)
-    x, nu = _block_solve(Minv, Ls, D * U - R, -b)
-    px = P @ x
-    lam = torch.where(active, -(px + R + nu.unsqueeze(-1)), 0.0)
-    s = U - x
+    D = active.to(qp.P.dtype) * _big(qp.P)
+    f = _factor(qp.P, D)
+    x, nu = _block_solve(f, D * qp.U - qp.R, -qp.b)
+    px = qp.P @ x
+    lam = torch.where(active, -(px + qp.R + nu.unsqueeze(-1)), 0.0)
+    s = qp.U - x
     tiny = torch.finfo(x.dtype).tiny
     infeasible = torch.maximum((-s).clamp(min=0).flatten(1).amax(1) / _amax(x).clamp(min=tiny),
                                (-lam).clamp(min=0).flatten(1).amax(1) / _amax(px).clamp(min=tiny))
     s = s.clamp(min=0)
-    err = torch.maximum(kkt_error(P, R, U, b, x, s, nu, lam), infeasible.nan_to_num(float("inf")))
-    return x, s, nu, lam, err.masked_fill(~good, float("inf"))
+    err = torch.maximum(_error(qp, x, s, nu, lam, _residuals(qp, x, s, nu, lam)), infeasible.nan_to_num(float("inf")))
+    return _Iterate(x, s, nu, lam, err.masked_fill(~f.ok, float("inf")))
 
 
-def active_set_steps(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int, tol: float):
+def _active_set_steps(qp: _Problem, max_iter: int, tol: float) -> _Solution:
     """Primal-dual active-set steps (Hintermueller, Ito and Kunisch, 2002) from the bound-free solution.
 
     Each step solves the QP with the current active set pinned (``_pinned_solve``); then free
@@ -287,62 +381,72 @@ def active_set_steps(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int, 
     active set is the one the backward differentiates. Finite convergence is proven only for
     M-matrices, which a Gram matrix is not: a task that stalls or cycles is left to the interior point.
     """
-    T = R.shape[0]
-    active = torch.zeros_like(R, dtype=torch.bool)
-    iters = torch.zeros(T, dtype=torch.long, device=R.device)
-    todo = torch.arange(T, device=R.device)
-    out: list[Tensor] = []
+    T = qp.R.shape[0]
+    active = torch.zeros_like(qp.R, dtype=torch.bool)
+    iters = torch.zeros(T, dtype=torch.long, device=qp.R.device)
+    todo = torch.arange(T, device=qp.R.device)
+    out: _Iterate | None = None
     for _ in range(max_iter):
         # Only the tasks still moving are solved again: a few stragglers cost a few factorizations.
-        Pt, Rt, Ut, bt, A = (P, R, U, b, active) if len(todo) == T else (
-            P[todo], R[todo], U[todo], b[todo], active[todo])
-        x, s, nu, lam, err = _pinned_solve(Pt, Rt, Ut, bt, A)
-        if out:
-            for full, new in zip(out, (x, s, nu, lam, err)):
-                full[todo] = new
+        sub, A = (qp, active) if len(todo) == T else (qp.index(todo), active[todo])
+        point = _pinned_solve(sub, A)
+        if out is None:
+            out = point
         else:
-            out = [x, s, nu, lam, err]
+            out.assign(todo, point)
         iters[todo] += 1
-        done = err <= tol
-        update = torch.where(_col(done), A, (A & (lam > 0)) | (~A & (x > Ut)))
+        done = point.err <= tol
+        update = torch.where(_col(done), A, (A & (point.lam > 0)) | (~A & (point.x > sub.U)))
         moving = (update != A).flatten(1).any(1)  # done and stalled tasks stop here
         active[todo] = update
         todo = todo[moving]
         if not len(todo):
             break
-    return (*out, out[-1] <= tol, active, iters)
+    done = out.err <= tol
+    return _Solution(out, polished=done, active=active, iters=iters, by_active_set=done.clone())
 
 
-def _polish(P: Tensor, R: Tensor, U: Tensor, b: Tensor, x: Tensor, s: Tensor, nu: Tensor, lam: Tensor, err: Tensor):
+def _polish(qp: _Problem, point: _Iterate, iters: Tensor) -> _Solution:
     """Pin the active set the interior point found (``_pinned_solve``); keep that solution where it is better.
 
     One more block factorization gives the exact solution whenever the interior point has found
     the active set, which is what the active-set backward differentiates.
     """
-    active = _active_set(x, s, lam, P)
-    xp, sp, nup, lamp, errp = _pinned_solve(P, R, U, b, active)
-    use = errp.isfinite() & (errp <= err)  # both inf: the task broke down, nothing was polished
-
-    def pick(new: Tensor, old: Tensor) -> Tensor:
-        return torch.where(use.view(-1, *[1] * (new.dim() - 1)), new, old)
-
-    return pick(xp, x), pick(sp, s), pick(nup, nu), pick(lamp, lam), pick(errp, err), use, active
+    active = _active_set(point, qp.P)
+    pinned = _pinned_solve(qp, active)
+    use = pinned.err.isfinite() & (pinned.err <= point.err)  # both inf: the task broke down, nothing was polished
+    return _Solution(pinned.where(use, point), polished=use, active=active, iters=iters,
+                     by_active_set=torch.zeros_like(use))
 
 
-def _solve(P: Tensor, R: Tensor, U: Tensor, b: Tensor, max_iter: int, tol: float, method: str):
-    """(x, s, nu, lam, err, polished, active, iters) of ``method`` (see ``solve_qp``)."""
+def _solve(qp: _Problem, max_iter: int, tol: float, method: str) -> _Solution:
+    """The solution by ``method`` (see ``solve_qp``)."""
     if method == "interior_point":
-        *point, err, iters = _interior_point(P, R, U, b, max_iter, tol)
-        return (*_polish(P, R, U, b, *point, err), iters)
-    *solution, done, active, iters = active_set_steps(P, R, U, b, max_iter, tol)
-    out = (*solution, done, active, iters)
-    rest = (~done).nonzero().squeeze(1)
+        point, iters = _interior_point(qp, max_iter, tol)
+        return _polish(qp, point, iters)
+    solution = _active_set_steps(qp, max_iter, tol)
+    rest = (~solution.by_active_set).nonzero().squeeze(1)
     if len(rest):  # stalled, cycling or out of steps: the interior point from its own start
-        sub = (P[rest], R[rest], U[rest], b[rest])
-        *point, err, iters_ip = _interior_point(*sub, max_iter, tol)
-        for full, new in zip(out, (*_polish(*sub, *point, err), iters[rest] + iters_ip)):
-            full[rest] = new
-    return out
+        sub = qp.index(rest)
+        point, iters = _interior_point(sub, max_iter, tol)
+        solution.assign(rest, _polish(sub, point, solution.iters[rest] + iters))
+    return solution
+
+
+class _Outputs(NamedTuple):
+    """``_QPFunction``'s outputs (an autograd Function returns a tuple): ``QPResult``'s fields, then the backward's."""
+
+    x: Tensor
+    nu: Tensor
+    lam: Tensor
+    ok: Tensor
+    iters: Tensor
+    error: Tensor
+    polished: Tensor
+    by_active_set: Tensor
+    s: Tensor  # [T,S,N] slack, for the central-path derivative
+    active: Tensor  # [T,S,N] bool, for the active-set derivative
+    scale: Tensor  # [T,1,1] the normalization of P and R
 
 
 class _QPFunction(torch.autograd.Function):
@@ -350,20 +454,22 @@ class _QPFunction(torch.autograd.Function):
     def forward(P, R, U, b, max_iter, tol, method):
         # Solve a normalized copy: P and R over the mean diagonal of P (same x; duals scale by 1/scale).
         scale = _col(P.diagonal(dim1=1, dim2=2).mean(1).abs().clamp(min=torch.finfo(P.dtype).tiny))
-        Ph, Rh = P / scale, R / scale
-        x, s, nu, lam, err, polished, active, iters = _solve(Ph, Rh, U, b, max_iter, tol, method)
-        ok = err <= tol  # err is inf for a task that broke down
-        fin = err.isfinite()
-        x, s, lam = (torch.where(_col(fin), t, 0.0) for t in (x, s, lam))
-        nu = torch.where(fin.view(-1, 1), nu, 0.0)
-        return x, nu * scale.view(-1, 1), lam * scale, ok, iters, err, polished, s, active, scale
+        solution = _solve(_Problem(P / scale, R / scale, U, b), max_iter, tol, method)
+        point = solution.point
+        fin = point.err.isfinite()  # err is inf for a task that broke down
+
+        def finite(t: Tensor) -> Tensor:
+            return torch.where(_per_task(fin, t), t, 0.0)
+
+        return _Outputs(x=finite(point.x), nu=finite(point.nu) * scale.view(-1, 1), lam=finite(point.lam) * scale,
+                        ok=point.err <= tol, iters=solution.iters, error=point.err, polished=solution.polished,
+                        by_active_set=solution.by_active_set, s=finite(point.s), active=solution.active, scale=scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        P = inputs[0]
-        x, _, lam, ok, _, _, polished, s, active, scale = output
-        ctx.save_for_backward(P, x, s, lam, ok, polished, active, scale)
-        ctx.mark_non_differentiable(*output[1:])
+        out = _Outputs(*output)
+        ctx.save_for_backward(inputs[0], *out)
+        ctx.mark_non_differentiable(*(t for name, t in out._asdict().items() if name != "x"))
 
     @staticmethod
     def vmap(info, in_dims, P, R, U, b, max_iter, tol, method):
@@ -379,11 +485,11 @@ class _QPFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gx, *_):
-        return (*_kkt_adjoint(*ctx.saved_tensors, gx), None, None, None)
+        P, *out = ctx.saved_tensors
+        return (*_kkt_adjoint(P, _Outputs(*out), gx), None, None, None)
 
 
-def _kkt_adjoint(P: Tensor, x: Tensor, s: Tensor, lam: Tensor, ok: Tensor, polished: Tensor, active: Tensor,
-                 scale: Tensor, gx: Tensor):
+def _kkt_adjoint(P: Tensor, out: _Outputs, gx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of <gx, x*> w.r.t. (P, R, U, b) by the implicit function theorem on the KKT system.
 
     Differentiating P x + R + nu 1^T + lam = 0, x 1 = b, lam * (x - U) = 0 and eliminating the
@@ -393,12 +499,13 @@ def _kkt_adjoint(P: Tensor, x: Tensor, s: Tensor, lam: Tensor, ok: Tensor, polis
     otherwise it is the interior point's own lam / s (the derivative along the central path, as
     qpth computes it). Then dP = sym(a x^T), dR = a, db = -c, dU = -D a.
     """
-    Ph, lamh = P / scale, lam / scale  # the normalized problem the forward solved: same a, c scaled by 1/scale
-    smooth = (lamh / s.clamp(min=torch.finfo(P.dtype).tiny)).clamp(max=_big(Ph))
-    D = torch.where(_col(polished), active.to(P.dtype) * _big(Ph), smooth)
-    Minv, Ls, good = _factor(Ph, D)
-    a, c = _block_solve(Minv, Ls, -gx / scale, torch.zeros_like(x[..., 0]))
-    dP = a @ x.transpose(1, 2)
+    scale = out.scale
+    Ph, lamh = P / scale, out.lam / scale  # the normalized problem the forward solved: same a, c scaled by 1/scale
+    smooth = (lamh / out.s.clamp(min=torch.finfo(P.dtype).tiny)).clamp(max=_big(Ph))
+    D = torch.where(_col(out.polished), out.active.to(P.dtype) * _big(Ph), smooth)
+    f = _factor(Ph, D)
+    a, c = _block_solve(f, -gx / scale, torch.zeros_like(out.x[..., 0]))
+    dP = a @ out.x.transpose(1, 2)
     grads = (0.5 * (dP + dP.transpose(1, 2)), a, -scale * D * a, -scale.view(-1, 1) * c)
-    keep = ok & good & torch.stack([_amax(g).isfinite() for g in grads]).all(0)
-    return tuple(torch.where(keep.view(-1, *[1] * (g.dim() - 1)), g, 0.0) for g in grads)
+    keep = out.ok & f.ok & torch.stack([_amax(g).isfinite() for g in grads]).all(0)
+    return tuple(torch.where(_per_task(keep, g), g, 0.0) for g in grads)

@@ -101,7 +101,7 @@ class ActorPool:
         self._drill = FaultDrill.from_env()
         self._actor_cls = ray.remote(RemoteWorker).options(
             num_cpus=self._w.num_cpus, num_gpus=self._w.num_gpus, max_restarts=self._w.max_restarts,
-            max_task_retries=0, scheduling_strategy="SPREAD")
+            max_task_retries=0, scheduling_strategy=_placement())
         self.faults = FaultLog()
         self.slots: list[Slot] = []
         self._next_index = 0
@@ -268,6 +268,16 @@ class ActorPool:
         for s in self.slots:
             ray.kill(s.actor, no_restart=True)
         self.slots = []
+
+
+def _placement() -> Any:
+    """Inside a placement group (a Ray Tune trial's), workers take its bundles: SPREAD would escape the group and
+    compete with other trials for the cluster. Elsewhere, spread them over the nodes."""
+    from ray.util.placement_group import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = get_current_placement_group()
+    return "SPREAD" if group is None else PlacementGroupSchedulingStrategy(group)
 
 
 def _actor_cause(e: RayActorError) -> str:

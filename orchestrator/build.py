@@ -7,7 +7,7 @@ what they are built from (``Parts``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -33,30 +33,103 @@ AUTO_STRATEGY = {
     ("cuda", "mlp"): "vmap", ("cuda", "conv4"): "vmap", ("cuda", "resnet12"): "vmap",
 }
 
-Split = Literal["train", "val", "eval"]
+Split = Literal["train", "val", "test", "eval"]
+"""Whose episodes: training's, a named split's, or evaluation's (``task.eval_split``)."""
+
+SHAPE_KEYS = ("n_way", "k_shot", "query", "within_group")
 
 
 def build_tasks(task: TaskConfig, split: Split = "train") -> TaskSource:
-    """Episodes of ``split``: the classes meta-training may see, the validation classes, or the held-out
-    ones of the final evaluation (``task.eval_split``) (images; sine tasks have one distribution)."""
+    """Episodes of ``split``: the classes meta-training may see, or the held-out ones (images).
+
+    Training episodes take the ``task.train`` overrides and ``task.augment``; the others take the task's own
+    shape, augmented only with ``task.augment.at_eval``. A data problem is a ``DataError`` naming the config key.
+    """
     if isinstance(task, SineTaskConfig):
         return SineTasks(**task.model_dump(exclude={"family"}))
     if isinstance(task, ImageTaskConfig):
-        # Imported here so sine runs never load pyarrow.
-        from tasks.fewshot import FewShotTasks
-        from tasks.splits import split_classes
-        from tasks.store import ImageStore
-
-        store = ImageStore.open(task.store)
-        s = task.split
-        classes = split_classes(store, by=s.by, train=s.train, val=s.val, test=s.test, seed=s.seed)
-        name = task.eval_split if split == "eval" else split
-        return FewShotTasks(store, task.n_way, task.k_shot, task.query, getattr(classes, name), rotations=task.rotations)
+        return _image_tasks(task, split)
     raise ValueError(f"no task source for family {task.family!r}")
 
 
-def build_model(cfg: Config) -> tuple[nn.Module, Objective, int]:
-    """The task model (structure only, on the meta device), its objective, and its input width."""
+def episode_shape(task: ImageTaskConfig, split: Split) -> tuple[dict[str, Any], dict[str, str]]:
+    """(n_way, k_shot, query, within_group) of ``split``'s episodes, and the config key each comes from."""
+    values, keys = {}, {}
+    for name in SHAPE_KEYS:
+        override = getattr(task.train, name) if split == "train" else None
+        values[name] = getattr(task, name) if override is None else override
+        keys[name] = f"task.{name}" if override is None else f"task.train.{name}"
+    return values, keys
+
+
+def _image_tasks(task: ImageTaskConfig, split: Split) -> TaskSource:
+    # Imported here so sine runs never load pyarrow.
+    from tasks.augment import Affine, Augment, Jitter
+    from tasks.fewshot import FewShotTasks
+    from tasks.splits import split_classes
+    from tasks.store import DataError, ImageStore
+
+    try:
+        store = ImageStore.open(task.store)
+    except DataError as e:
+        raise DataError(f"task.store: {e}") from None
+    s = task.split
+    try:
+        classes = split_classes(store, by=s.by, train=s.train, val=s.val, test=s.test, seed=s.seed)
+    except DataError as e:
+        # split_classes names the split first ('train: unknown group names ...'): that is task.split.train.
+        text = str(e)
+        named = text.split(":")[0].split("=")[0] in ("train", "val", "test")
+        raise DataError(f"task.split.{text}" if named else f"task.split: {text}") from None
+    name = task.eval_split if split == "eval" else split
+    shape, keys = episode_shape(task, split)
+    a = task.augment
+    augment = None
+    if a is not None and (split == "train" or a.at_eval):
+        augment = Augment(crop_padding=a.crop_padding, flip=a.flip,
+                          jitter=Jitter(**a.jitter.model_dump()) if a.jitter else None,
+                          affine=Affine(**a.affine.model_dump()) if a.affine else None)
+    return FewShotTasks(store, shape["n_way"], shape["k_shot"], shape["query"], getattr(classes, name),
+                        rotations=task.rotations, within_group=shape["within_group"], augment=augment,
+                        augment_support=a is not None and a.support, augment_query=a is not None and a.query,
+                        keys=keys, where=f"the {name} split")
+
+
+def check_tasks(cfg: Config, splits: tuple[Split, ...] = ("train", "eval")) -> None:
+    """Build each split's episodes once, before a run starts: every data problem in one line naming its key.
+
+    Also refuses training episodes of another n_way than evaluation's for an algorithm whose head is in θ (its
+    parameter shapes depend on n_way), found by building the algorithm for both shapes: no list of names.
+    """
+    from tasks.store import DataError
+
+    problems: list[str] = []
+    for split in splits:
+        try:
+            build_tasks(cfg.task, split)
+        except DataError as e:
+            if str(e) not in problems:
+                problems.append(str(e))
+            if str(e).startswith(("task.store:", "task.split")):
+                break  # the same for every split
+    if not problems and isinstance(cfg.task, ImageTaskConfig) and cfg.task.train.n_way not in (None, cfg.task.n_way):
+        train = {k: tuple(v.shape) for k, v in build_algorithm(cfg, "train").init_params(0).items()}
+        test = {k: tuple(v.shape) for k, v in build_algorithm(cfg, "eval").init_params(0).items()}
+        differ = [k for k in test if train.get(k) != test[k]]  # in θ's own order
+        if differ:
+            raise ConfigError(f"task.train.n_way: {cfg.task.train.n_way} differs from task.n_way={cfg.task.n_way}, "
+                              f"but {cfg.algorithm.name} meta-learns an n_way-sized head ({differ[0]} is "
+                              f"{list(test[differ[0]])} for evaluation); train with task.n_way, or use an "
+                              "algorithm that writes its head from each support set")
+    if problems:
+        raise DataError("; ".join(problems))
+
+
+def build_model(cfg: Config, n_way: int | None = None) -> tuple[nn.Module, Objective, int]:
+    """The task model (structure only, on the meta device), its objective, and its input width.
+
+    Its head has ``n_way`` outputs (default: the evaluation episodes', ``task.n_way``).
+    """
     with torch.device("meta"):
         if isinstance(cfg.task, SineTaskConfig):
             return MLP(1, list(cfg.model.hidden), 1), MSE(), 1
@@ -67,18 +140,20 @@ def build_model(cfg: Config) -> tuple[nn.Module, Objective, int]:
         if height < 16:
             raise ConfigError(f"model.backbone: {cfg.model.backbone} pools 4 times and needs images of at least "
                               f"16x16; {cfg.task.store} holds {height}x{height} (convert with --size 28 or more)")
+        n_way = n_way or cfg.task.n_way
         if cfg.model.backbone == "resnet12":
             net = ResNet12(channels)
-            model = Classifier(net, net.out_features(shape), cfg.task.n_way)
+            model = Classifier(net, net.out_features(shape), n_way)
         else:
-            model = Conv4(channels, height, cfg.task.n_way, cfg.model.width)
+            model = Conv4(channels, height, n_way, cfg.model.width)
         return model, CrossEntropy(), channels * height * height
 
 
-def build_algorithm(cfg: Config, device: torch.device | str = "cpu") -> Algorithm:
-    """The run's algorithm, its per-task strategy resolved for the ``device`` it computes on."""
-    model, objective, in_features = build_model(cfg)
+def build_algorithm(cfg: Config, split: Split = "eval", device: torch.device | str = "cpu") -> Algorithm:
+    """The algorithm for ``split``'s episodes (its n_way is theirs: training's may differ, ``task.train.n_way``),
+    its per-task strategy resolved for the ``device`` it computes on."""
+    n_way = episode_shape(cfg.task, split)[0]["n_way"] if isinstance(cfg.task, ImageTaskConfig) else None
+    model, objective, in_features = build_model(cfg, n_way)
     a = cfg.algorithm
     strategy = AUTO_STRATEGY[torch.device(device).type, cfg.model.backbone] if a.strategy == "auto" else a.strategy
-    n_way = cfg.task.n_way if isinstance(cfg.task, ImageTaskConfig) else None
     return a.build(Parts(model, objective, in_features, n_way, strategy))

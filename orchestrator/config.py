@@ -95,6 +95,73 @@ class SplitConfig(Strict):
         return v
 
 
+class TrainEpisodes(Strict):
+    """Training episodes where they differ from evaluation's; evaluation uses the task's own shape.
+
+    ProtoNet trains Omniglot 60-way for 20-way tests, MetaOptNet 15-shot for 1-shot tests. An algorithm whose
+    head is in θ (MAML and kin) must train with the evaluation n_way (checked at run start); one that writes its
+    head from each support set (ProtoNet, MetaOptNet) need not. Unset keys follow the task's.
+    """
+
+    n_way: PositiveInt | None = None
+    k_shot: PositiveInt | None = None
+    query: PositiveInt | None = None
+    within_group: bool | None = None
+
+
+class JitterConfig(Strict):
+    """Colour jitter (torchvision's ColorJitter): each factor is drawn in [max(0, 1 - v), 1 + v]."""
+
+    brightness: NonNegativeFloat = 0.0
+    contrast: NonNegativeFloat = 0.0
+    saturation: NonNegativeFloat = 0.0
+    """No effect on greyscale images."""
+
+
+class AffineConfig(Strict):
+    """Random affine map about the image centre (Omniglot: Koch et al.'s small distortions)."""
+
+    degrees: float = Field(0.0, ge=0.0, le=180.0)
+    """Rotation drawn in [-degrees, degrees]."""
+    shear: float = Field(0.0, ge=0.0, le=45.0)
+    """Horizontal shear angle drawn in [-shear, shear] degrees."""
+    scale: Range = (1.0, 1.0)
+    """Zoom drawn in [low, high]."""
+    translate: float = Field(0.0, ge=0.0, le=0.5)
+    """Shift drawn in [-translate, translate] of the width (and height)."""
+
+    @model_validator(mode="after")
+    def _scale(self) -> "AffineConfig":
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise _KeyError("scale", f"must be [low, high] with 0 < low <= high, got {list(self.scale)}")
+        return self
+
+
+class AugmentConfig(Strict):
+    """Seed-addressed augmentation of training episodes (a function of the episode id, applied on the workers)."""
+
+    crop_padding: NonNegativeInt = 0
+    """Random crop of the image's size after zero padding by this many pixels (MetaOptNet: 8 at 84x84); 0: off."""
+    flip: bool = False
+    """Horizontal flip with probability 1/2."""
+    jitter: JitterConfig | None = None
+    affine: AffineConfig | None = None
+    support: bool = True
+    """Augment the support images."""
+    query: bool = True
+    """Augment the query images."""
+    at_eval: bool = False
+    """Also augment evaluation (and validation) episodes; training only by default."""
+
+    @model_validator(mode="after")
+    def _augments_something(self) -> "AugmentConfig":
+        if not (self.support or self.query):
+            raise _KeyError(None, "support and query are both false: nothing would be augmented; remove the section")
+        if not (self.crop_padding or self.flip or self.jitter or self.affine):
+            raise _KeyError(None, "no augmentation is set (crop_padding, flip, jitter, affine); remove the section")
+        return self
+
+
 class ImageTaskConfig(Strict):
     """N-way K-shot few-shot classification from an image store (``metaray data convert``)."""
 
@@ -107,6 +174,12 @@ class ImageTaskConfig(Strict):
     """Query images per class."""
     rotations: bool = False
     """Omniglot augmentation: each class rotated by 0/90/180/270 degrees gives 4 classes."""
+    within_group: bool = False
+    """Draw all n_way classes of an episode from one group (an Omniglot alphabet: Lake et al.'s within-alphabet
+    protocol), chosen among the groups with enough classes."""
+    train: TrainEpisodes = TrainEpisodes()
+    """Training episodes' n_way, k_shot, query, within_group where they differ from evaluation's."""
+    augment: AugmentConfig | None = None
     split: SplitConfig = SplitConfig()
     eval_split: Literal["val", "test"] = "test"
     """Classes used for evaluation (never seen in training)."""
@@ -229,12 +302,16 @@ class TrackingConfig(Strict):
     flush_every_s: PositiveFloat = 2.0
     """Metrics are sent in batches at this period (asynchronously)."""
     max_buffered_metrics: PositiveInt = 100_000
-    """Metrics kept in memory while the store is unreachable; older ones spill to a file in the run folder."""
+    """Most metrics the writer process holds in memory (it reads the run's metric log on disk in chunks)."""
     close_timeout_s: NonNegativeFloat = 120.0
-    """At the end of a run, how long to wait for an unreachable store before leaving metrics in the spill file."""
+    """At the end of a run, how long to wait for an unreachable store before leaving the rest in the run folder."""
     plots: bool = True
     log_model: bool = True
     log_checkpoint: bool = True
+    system_metrics: bool = True
+    """CPU, memory, disk and network (GPUs with nvidia-ml-py) as system/* metrics, every 10 s."""
+    registered_model: str | None = Field(None, min_length=1)
+    """Register the final model under this name in the MLflow model registry (a new version per run)."""
 
 
 class RunConfig(Strict):

@@ -2,7 +2,9 @@
 
 Evaluation episodes are fixed by ``eval.seed`` (their own seed stream), so
 every run and every algorithm is scored on the same tasks. The work is spread
-over the worker group like training.
+over the worker group like training. A task whose query loss is not finite after
+k steps has diverged: it is counted, said in words, and left out of the means at k
+(one NaN would make the mean NaN, one overflow would make it meaningless).
 """
 
 from __future__ import annotations
@@ -23,23 +25,42 @@ Results = dict[str, dict[str, dict[int, "Score"]]]  # {evaluation: {metric: {ada
 class Score:
     mean: float
     ci95: float  # half-width of the normal 95% confidence interval of the mean
-    n: int
+    n: int  # tasks in the mean
+    diverged: int = 0  # tasks left out: their query loss after this many steps was not finite
 
     def __str__(self) -> str:
+        if self.n == 0:
+            return "all diverged"
+        if not math.isfinite(self.ci95):
+            return f"{self.mean:.3f}"
         return f"{self.mean:.3f} ± {self.ci95:.3f}"
 
 
 def mean_ci(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over the first axis and the half-width of its normal 95% confidence interval."""
+    """Mean over the first axis and the half-width of its normal 95% confidence interval, over the finite
+    entries of each column (a diverged task is left out, not averaged in); NaN where too few are finite."""
     values = np.asarray(values, dtype=np.float64)
-    n = len(values)
-    half = 1.96 * values.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.full(values.shape[1:], np.nan)
-    return values.mean(0), half
+    ok = np.isfinite(values)
+    n = ok.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # columns with 0 or 1 finite entries
+        mean = np.where(ok, values, 0.0).sum(0) / n
+        var = (np.where(ok, values - mean, 0.0) ** 2).sum(0) / (n - 1)
+        half = 1.96 * np.sqrt(var) / np.sqrt(n)
+    return np.where(n > 0, mean, np.nan), np.where(n > 1, half, np.nan)
 
 
-def score(values: np.ndarray) -> Score:
-    mean, half = mean_ci(values)
-    return Score(float(mean), float(half), len(values))
+def diverged(curves: dict[str, np.ndarray]) -> np.ndarray:
+    """``[tasks, steps + 1]``: True where a task's query loss after that many steps is not finite (its other
+    metrics there, e.g. the accuracy of NaN logits, mean nothing either)."""
+    if "loss" in curves:
+        return ~np.isfinite(curves["loss"])
+    return ~np.logical_and.reduce([np.isfinite(v) for v in curves.values()])
+
+
+def curve_summaries(curves: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{metric: (mean, 95% CI half-width)}`` per number of adaptation steps, diverged tasks left out."""
+    bad = diverged(curves)
+    return {m: mean_ci(np.where(bad, np.nan, v)) for m, v in curves.items()}
 
 
 def evaluate(cfg: Config, group: LocalGroup | WorkerGroup, theta: np.ndarray, probe: str | None = None) -> dict[str, np.ndarray]:
@@ -54,7 +75,13 @@ def evaluate(cfg: Config, group: LocalGroup | WorkerGroup, theta: np.ndarray, pr
 
 def summarize(curves: dict[str, np.ndarray], steps: list[int]) -> dict[str, dict[int, Score]]:
     """``{metric: {steps: Score}}`` for the requested step counts."""
-    return {m: {s: score(v[:, s]) for s in steps} for m, v in curves.items()}
+    bad = diverged(curves)
+    total = len(bad)
+    out = {}
+    for m, (mean, ci) in curve_summaries(curves).items():
+        out[m] = {s: Score(float(mean[s]), float(ci[s]), total - int(bad[:, s].sum()), int(bad[:, s].sum()))
+                  for s in steps}
+    return out
 
 
 def evaluate_all(cfg: Config, group: LocalGroup | WorkerGroup, theta: np.ndarray):
@@ -67,16 +94,45 @@ def evaluate_all(cfg: Config, group: LocalGroup | WorkerGroup, theta: np.ndarray
 
 
 def table(label: str, results: dict[str, dict[str, dict[int, Score]]]) -> str:
-    """A plain-text table: one row per (evaluation, metric), one column per step count."""
+    """A plain-text table: one row per (evaluation, metric), one column per step count, then one line per
+    evaluation saying how many tasks diverged (they are left out of the means)."""
     lines = []
     for evaluation, metrics in results.items():
         for metric, by_step in metrics.items():
             cells = "  ".join(f"{s:>3} steps: {by_step[s]}" for s in by_step)
-            n = next(iter(by_step.values())).n
-            lines.append(f"{label:<12} {evaluation:<14} {metric:<5} (n={n})  {cells}")
+            first = next(iter(by_step.values()))
+            lines.append(f"{label:<12} {evaluation:<14} {metric:<5} (n={first.n + first.diverged})  {cells}")
+        note = divergence(next(iter(metrics.values())))
+        if note:
+            lines.append(f"{'':<12} {evaluation:<14} {note} (left out of the means)")
     return "\n".join(lines)
 
 
+def divergence(by_step: dict[int, Score]) -> str:
+    """E.g. "12 of 600 held-out tasks diverged at 10 steps, 30 at 20 steps"; "" if none did."""
+    parts = [(s, sc.diverged, sc.n + sc.diverged) for s, sc in by_step.items() if sc.diverged]
+    if not parts:
+        return ""
+    (s, d, total), rest = parts[0], parts[1:]
+    words = [f"{d} of {total} held-out tasks diverged at {_steps(s)}"] + [f"{d} at {_steps(s)}" for s, d, _ in rest]
+    return ", ".join(words)
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
 def to_json(results: dict[str, dict[str, dict[int, Score]]]) -> dict:
-    return {ev: {m: {str(s): {"mean": sc.mean, "ci95": sc.ci95, "n": sc.n} for s, sc in bs.items()}
-                 for m, bs in ms.items()} for ev, ms in results.items()}
+    return {ev: {m: {str(s): {"mean": sc.mean, "ci95": sc.ci95, "n": sc.n, "diverged": sc.diverged}
+                     for s, sc in bs.items()} for m, bs in ms.items()} for ev, ms in results.items()}
+
+
+def to_csv(results: dict[str, dict[str, dict[int, Score]]]) -> str:
+    """One row per evaluation, metric and step count: the mean with its 95% CI (MLflow shows CSV as a table)."""
+    rows = ["evaluation,metric,adaptation_steps,mean,ci95,ci95_low,ci95_high,tasks,diverged"]
+    for ev, ms in results.items():
+        for m, bs in ms.items():
+            for s, sc in bs.items():
+                rows.append(f"{ev},{m},{s},{sc.mean:.6g},{sc.ci95:.6g},{sc.mean - sc.ci95:.6g},{sc.mean + sc.ci95:.6g},"
+                            f"{sc.n},{sc.diverged}")
+    return "\n".join(rows) + "\n"

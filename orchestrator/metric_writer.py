@@ -1,282 +1,257 @@
-"""Asynchronous, batched, loss-free metric delivery to a tracking store that may go away for a while.
+"""The metric-writer process: delivers a run's metric log and artifact queue to MLflow, and dies with its run.
 
-The learner calls ``add`` (a list append under a lock, microseconds); a
-background thread sends batches of up to 1000 metrics (MLflow's ``log_batch``
-limit) every ``flush_every_s``. When sending fails the metrics stay queued, the
-user is warned once, and the thread retries with backoff; past
-``max_buffered`` metrics the oldest are spilled to a JSON-lines file so memory
-stays bounded. Spilled metrics are sent once the store is back (or by the next
-process that opens the same spill file, e.g. on ``--resume``).
+The learner only appends to the metric log on disk (``metric_log.MetricLog``: a list append per step, a
+buffered write every ``HANDOFF_S``, an fsync at each checkpoint) and queues artifacts in the run folder
+(``artifact_queue``). A child process reads both and sends them (``delivery.Delivery``) every
+``flush_every_s``, retrying with backoff while the store is down; nothing is held only in its memory.
+At ``close`` the learner stops the child and sends the rest itself: it is idle by then, and a child that
+runs only on idle CPU time may get none on a busy machine.
 
-Resending is safe: every metric keeps the timestamp it was created with, and
-MLflow drops exact (key, timestamp, step, value) duplicates, so a batch whose
-reply was lost is not stored twice.
+The child must never outlive its run, nor send anything after the run died that a resumed run would
+record again. So: it holds the folder's lock while it lives (a resumed run waits for it); it asks the
+kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``) and also checks every half second that
+its parent is still its parent; once orphaned it stops sending, lets a send in flight finish, and exits.
+A SIGTERM or SIGINT sent to the whole process group (Ctrl-C, ``ray job stop``) is left to the learner,
+which then stops the writer itself.
+
+Measured on sine MAML (15 metrics per ~4 ms step): a writer thread in the learner cost ~20% of the step
+time (SQLAlchemy holds the GIL), a child at nice 10 still 12-22% (it preempted one of torch's OpenMP
+threads, stalling the op at its barrier). So the child runs as SCHED_IDLE, on time the learner leaves.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
+import atexit
+import ctypes
 import logging
 import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from mlflow.entities import Metric
-
-from orchestrator.atomic import write_atomic
+from orchestrator import delivery, metric_log
 from orchestrator.errors import one_line
+from orchestrator.system_metrics import SystemSampler
 
 log = logging.getLogger("metaray")
-BATCH = 1000
-SPILL_CHUNK = 50 * BATCH
-
-
-class MetricWriter:
-    def __init__(self, send: Callable[[list[Metric]], None], spill_path: Path, flush_every_s: float = 2.0,
-                 max_buffered: int = 100_000):
-        self._send = send
-        self._spill_path = spill_path
-        self._flush_every_s = flush_every_s
-        self._max_buffered = max_buffered
-        self._queue: deque[Metric] = deque()
-        self._inflight: list[Metric] = []  # taken from the queue, being sent
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._failing_since: float | None = None
-        self._closed = False  # set when close() stops waiting: the thread then spills instead of retrying
-        self._thread = threading.Thread(target=self._run, name="metaray-metrics", daemon=True)
-        self._thread.start()
-
-    def add(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
-        ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
-        with self._lock:
-            self._queue.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
-            overflow = len(self._queue) - self._max_buffered
-            if overflow > 0:
-                self._spill([self._queue.popleft() for _ in range(overflow)])
-
-    @property
-    def pending(self) -> int:
-        """Metrics not yet confirmed sent: queued, in flight, or in the spill file."""
-        with self._lock:
-            return len(self._queue) + len(self._inflight) + self._spilled_count()
-
-    def close(self, timeout_s: float) -> int:
-        """Send everything that is left, waiting up to ``timeout_s`` for the store; return what stays unsent.
-
-        What cannot be sent in time is written to the spill file, which the next writer on it sends first.
-        A batch still in flight is spilled too: if its send does land later, MLflow drops the duplicates.
-        """
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout_s)
-        with self._lock:
-            self._closed = True
-            left = [*self._inflight, *self._queue]
-            self._queue.clear()
-            if left:
-                self._spill(left)
-            unsent = self._spilled_count()
-        if unsent:
-            log.warning("tracking: %d metrics could not be sent; kept in %s and sent on the next --resume",
-                        unsent, self._spill_path)
-        return unsent
-
-    def _run(self) -> None:
-        backoff = 0.5
-        while not self._closed:
-            self._wake.wait(self._flush_every_s)
-            self._wake.clear()
-            try:
-                ok = self._drain()
-            except Exception as e:  # noqa: BLE001 - a bug or a broken disk must not end delivery silently
-                log.warning("tracking: metric delivery error (%s); retrying", one_line(e, 160))
-                ok = False
-            if ok and self._stop.is_set():
-                return
-            if not ok:
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-            else:
-                backoff = 0.5
-
-    def _drain(self) -> bool:
-        """Send spilled metrics, then the queue, in batches; False as soon as a send fails."""
-        while not self._closed:
-            with self._lock:
-                spilled, lines = self._read_spill(SPILL_CHUNK)
-            if lines:
-                # A whole chunk is sent before the file is rewritten, once: rewriting after every batch made
-                # draining a large spill quadratic. Resending part of a chunk after a failure is harmless.
-                for i in range(0, len(spilled), BATCH):
-                    if not self._try_send(spilled[i : i + BATCH]):
-                        return False
-                with self._lock:
-                    self._drop_spilled(lines)
-                continue
-            with self._lock:
-                self._inflight = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
-                batch = list(self._inflight)
-            if not batch:
-                return True
-            sent = self._try_send(batch)
-            with self._lock:
-                if not sent:
-                    self._queue.extendleft(reversed(self._inflight))
-                self._inflight = []
-            if not sent:
-                return False
-        return False
-
-    def _try_send(self, batch: list[Metric]) -> bool:
-        try:
-            self._send(batch)
-        except Exception as e:  # noqa: BLE001 - any failure of the store means: keep and retry
-            if self._failing_since is None:
-                self._failing_since = time.monotonic()
-                log.warning("tracking store unreachable (%s); training continues, metrics are buffered",
-                            one_line(e, 160))
-            return False
-        if self._failing_since is not None:
-            log.warning("tracking store reachable again after %.0f s; buffered metrics are being sent",
-                        time.monotonic() - self._failing_since)
-            self._failing_since = None
-        return True
-
-    # Spill file: one JSON array per line; sent from the front, rewritten without the sent lines.
-    def _spill(self, metrics: list[Metric]) -> None:
-        try:
-            self._spill_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self._spill_path, "a") as f:
-                f.write("".join(json.dumps([m.key, m.value, m.timestamp, m.step]) + "\n" for m in metrics))
-        except OSError as e:  # a full disk: memory stays bounded, so these metrics are lost; say so
-            log.warning("tracking: could not spill %d metrics to %s (%s); they are lost", len(metrics),
-                        self._spill_path, e)
-
-    def _read_spill(self, n: int) -> tuple[list[Metric], int]:
-        """Up to ``n`` lines from the front of the spill file: the metrics on them, and how many lines."""
-        if not self._spill_path.exists():
-            return [], 0
-        with open(self._spill_path) as f:
-            lines = list(itertools.islice(f, n))
-        out = []
-        for line in lines:
-            try:
-                out.append(Metric(*json.loads(line)))
-            except (ValueError, TypeError):
-                if line.strip():  # a line cut short by a crash mid-write: skip it, keep the rest
-                    log.warning("tracking: skipping a damaged line in %s", self._spill_path)
-        return out, len(lines)
-
-    def _drop_spilled(self, n: int) -> None:
-        lines = self._spill_path.read_text().splitlines(keepends=True)[n:]
-        if lines:
-            write_atomic(self._spill_path, "".join(lines))
-        else:
-            self._spill_path.unlink()
-
-    def _spilled_count(self) -> int:
-        if not self._spill_path.exists():
-            return 0
-        with open(self._spill_path) as f:
-            return sum(1 for line in f if line.strip())
+LOCK_WAIT_S = 30.0  # a writer of a killed run finishes its send in flight (HTTP timeout 10 s), then exits
+SEND_WAIT_S = 20.0  # how long an orphaned writer waits for its send in flight
+STOP_WAIT_S = 2.0  # how long close() gives the child to stop by itself before killing it (harmless: see delivery)
+PR_SET_PDEATHSIG = 1
 
 
 class MetricProcess:
-    """A ``MetricWriter`` in a child process that runs only on CPU time the learner leaves idle.
-
-    Measured on sine MAML (the fastest workload, 15 metrics per ~4 ms step): the same writer on a thread
-    cost the learner ~20% of its step time (SQLAlchemy's per-metric work holds the GIL), and a child at
-    nice 10 still cost 12-22% because it preempted one of torch's OpenMP threads and stalled the op at
-    its barrier. So the child runs as SCHED_IDLE, and the learner hands it steps in batches (every
-    ``HANDOFF_S``, and at ``flush``) instead of one pipe write per step. Where the learner keeps every
-    core busy, metrics reach the store in its idle moments and at ``close``. ``close`` waits for the
-    child to send what is left and returns how many metrics stayed unsent (they are in the spill file).
-    """
+    """The learner's handle: ``add`` (microseconds), ``flush`` (durable on disk), ``close`` (deliver the rest)."""
 
     HANDOFF_S = 0.5
 
-    def __init__(self, uri: str, run_id: str, spill_path: Path, flush_every_s: float, max_buffered: int):
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding Ray and torch threads
-        self._queue = ctx.Queue()
-        self._done = ctx.Queue()
-        self._proc = ctx.Process(target=_serve, name="metaray-metrics", daemon=True,
-                                 args=(uri, run_id, str(spill_path), flush_every_s, max_buffered, self._queue,
-                                       self._done))
+    def __init__(self, uri: str, run_id: str, experiment_id: str, folder: Path, flush_every_s: float,
+                 chunk: int = delivery.MAX_CHUNK, system_step: int | None = None):
+        delivery.without_http_retries()
+        self.folder = folder
+        self._log = metric_log.MetricLog(folder)
+        self._args = (uri, run_id, experiment_id, str(folder), flush_every_s, chunk)
+        self._system = SystemSampler.start(system_step) if system_step is not None else None
+        self._ctx = multiprocessing.get_context("spawn")  # no fork of a process holding Ray and torch threads
+        self._written = time.monotonic()
+        self._start()
+        atexit.register(self._kill)  # before multiprocessing's own exit hook, which would wait for the child
+
+    def _start(self) -> None:
+        self._inbox, self._done = self._ctx.Queue(), self._ctx.Queue()
+        self._is_ready = False
+        self._proc = self._ctx.Process(target=_serve, name="metaray-metrics", daemon=True,
+                                       args=(*self._args, os.getpid(), self._inbox, self._done))
         self._proc.start()
-        self._pending: list[tuple[dict[str, float], int, int]] = []
-        self._handed_off = time.monotonic()
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid
 
-    def add(self, metrics: dict[str, float], step: int) -> None:
-        self._pending.append((metrics, step, int(time.time() * 1000)))
-        if time.monotonic() - self._handed_off >= self.HANDOFF_S:
-            self.flush()
+    def add(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        self._log.append(step, timestamp_ms if timestamp_ms is not None else int(time.time() * 1000), metrics)
+        now = time.monotonic()
+        if now - self._written >= self.HANDOFF_S:
+            self._write()
+            self._written = now
+
+    def _write(self) -> None:
+        if self._system is not None:
+            for line in self._system.take():
+                self._log.append(*line)
+        self._log.write()
 
     def flush(self) -> None:
-        """Hand every step added so far to the child (called at checkpoints, so a crash cannot lose them)."""
-        if self._pending:
-            self._queue.put(("steps", self._pending))
-            self._pending = []
-        self._handed_off = time.monotonic()
+        """Everything added so far is on disk when this returns (called before each checkpoint)."""
+        self._write()
+        self._log.sync()
+        self._written = time.monotonic()
+        if not self._proc.is_alive():
+            log.warning("tracking: the metric writer process ended (exit code %s); starting a new one",
+                        self._proc.exitcode)
+            self._start()
 
     def wait_ready(self, timeout_s: float = 120.0) -> bool:
-        """Block until the child has imported MLflow and connected (a one-off cost of a few seconds)."""
-        try:
-            return self._done.get(timeout=timeout_s) == "ready"
-        except queue.Empty:
-            return False
+        """Block until the child has imported MLflow and taken the folder's lock (a few seconds, once)."""
+        return self._ready(timeout_s)
+
+    def _ready(self, timeout_s: float = 0.0) -> bool:
+        """Whether the child has said it is ready (it sends nothing before)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._is_ready:
+            try:
+                item = self._done.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if item == "ready":
+                self._is_ready = True
+            else:
+                log.warning("tracking: %s", item[1])
+        return True
 
     def close(self, timeout_s: float) -> int:
-        """Tell the child to finish; return how many metrics stayed unsent (0 if it died: unknown, warned)."""
-        self.flush()
-        self._queue.put(("close", timeout_s))
-        deadline = time.monotonic() + timeout_s + 60
-        left: Any = "ready"
-        while left == "ready" and time.monotonic() < deadline:  # skip a start-up signal nobody waited for
+        """Stop the child and send what is left from here, retrying up to ``timeout_s`` while the store is
+        down; return how many metrics are still not delivered. Counted from the log on disk, so the answer
+        holds whatever became of the child."""
+        if self._system is not None:
+            self._system.stop()
+        self._write()
+        self._log.close()
+        if self._ready():  # else it has sent nothing yet (it may be starved of CPU): no need to wait for it
+            self._inbox.put(("stop",))
+        self._kill(STOP_WAIT_S if self._is_ready else 0.0)
+        atexit.unregister(self._kill)
+        from mlflow import MlflowClient
+
+        uri, run_id, experiment_id, folder, _, chunk = self._args
+        lock = delivery.lock_folder(self.folder, LOCK_WAIT_S)
+        if lock is None:
+            log.warning("tracking: %s is held by process %s; what is left stays there", folder,
+                        delivery.lock_holder(self.folder))
+        else:
             try:
-                left = self._done.get(timeout=1.0)
-            except queue.Empty:
-                if not self._proc.is_alive():
-                    break
-        if not isinstance(left, int):
-            log.warning("tracking: the metric writer process ended early; recent metrics may be missing")
-            left = 0
-        self._proc.join(5)
+                work = delivery.mlflow_delivery(self.folder, MlflowClient(uri), run_id, experiment_id, chunk)
+                error = delivery.finish(work, timeout_s)
+                if error is not None:
+                    log.warning("tracking store still unreachable (%s)", one_line(error, 160))
+            finally:
+                os.close(lock)
+        return metric_log.pending_count(self.folder)
+
+    def _kill(self, wait_s: float = 0.0) -> None:
+        self._proc.join(wait_s)
         if self._proc.is_alive():
-            self._proc.kill()
-        return left
+            self._proc.kill()  # what it had not sent is on disk, and sending it again is harmless
+            self._proc.join()
+        for q in (self._inbox, self._done):
+            q.cancel_join_thread()
+            q.close()
 
 
-def _serve(uri: str, run_id: str, spill_path: str, flush_every_s: float, max_buffered: int,
-           inbox: Any, done: Any) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the learner, which then closes us cleanly
+class _Sender(threading.Thread):
+    """The child's delivery loop: a pass every ``flush_every_s``, backoff while the store is down."""
+
+    def __init__(self, work: delivery.Delivery, flush_every_s: float):
+        super().__init__(name="metaray-delivery", daemon=True)
+        self.work, self.flush_every_s = work, flush_every_s
+        self.wake = threading.Event()
+        self.stopped = False  # also set from a signal handler: a plain attribute, no lock
+        self._failing_since: float | None = None
+
+    def run(self) -> None:
+        backoff = 0.5
+        while True:
+            self.wake.wait(backoff if self._failing_since is not None else self.flush_every_s)
+            self.wake.clear()
+            if self.stopped:
+                return
+            ok = self._pass()
+            backoff = 0.5 if ok else min(backoff * 2, 10.0)
+
+    def _pass(self) -> bool:
+        stop = lambda: self.stopped  # noqa: E731
+        try:
+            ok = self.work.metrics(stop) and self.work.artifacts(stop)
+        except Exception as e:  # noqa: BLE001 - any failure of the store means: keep and retry
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.warning("tracking store unreachable (%s); training continues, metrics and artifacts are kept "
+                            "in %s and sent when it is back", one_line(e, 160), self.work.folder)
+            return False
+        if ok and self._failing_since is not None:
+            log.warning("tracking store reachable again after %.0f s; what was kept is being sent",
+                        time.monotonic() - self._failing_since)
+            self._failing_since = None
+        return ok
+
+    def stop(self, wait_s: float) -> None:
+        """No send starts after this; one in flight may finish (waited for up to ``wait_s``)."""
+        self.stopped = True
+        self.wake.set()
+        self.join(wait_s)
+
+
+class _ParentWatch:
+    """Knows when the parent is gone: a parent-death signal (Linux), and the parent pid as a fallback.
+
+    PR_SET_PDEATHSIG fires when the *thread* that started this process ends, even if its process lives
+    on; the handler therefore checks that the parent really changed. A SIGTERM to the whole process group
+    while the parent lives is ignored: the parent is stopping gracefully and will close this writer.
+    """
+
+    def __init__(self, parent_pid: int):
+        self.parent_pid = parent_pid
+        self.sender: _Sender | None = None
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_term)
+        if sys.platform.startswith("linux"):
+            try:
+                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            except (OSError, AttributeError):
+                pass
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        if self.gone and self.sender is not None:
+            self.sender.stopped = True  # no further send starts, from now
+
+    @property
+    def gone(self) -> bool:
+        return os.getppid() != self.parent_pid
+
+
+def _serve(uri: str, run_id: str, experiment_id: str, folder: str, flush_every_s: float, chunk: int,
+           parent_pid: int, inbox: Any, done: Any) -> None:
+    watch = _ParentWatch(parent_pid)
+    if watch.gone:  # the parent died before the signal was armed
+        os._exit(0)
     _yield_cpu()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    path = Path(folder)
+    lock = delivery.lock_folder(path, LOCK_WAIT_S, give_up=lambda: watch.gone)
+    if lock is None:
+        if not watch.gone:
+            done.put(("error", f"another process (pid {delivery.lock_holder(path)}) is delivering {path}"))
+        os._exit(0)
     from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
-    writer = MetricWriter(lambda ms: client.log_batch(run_id, metrics=ms), Path(spill_path), flush_every_s,
-                          max_buffered)
+    sender = _Sender(delivery.mlflow_delivery(path, MlflowClient(uri), run_id, experiment_id, chunk), flush_every_s)
+    watch.sender = sender
     done.put("ready")
-    while True:
-        item = inbox.get()
-        if item[0] == "close":
-            done.put(writer.close(item[1]))
-            return
-        for metrics, step, timestamp_ms in item[1]:
-            writer.add(metrics, step, timestamp_ms)
+    sender.start()
+    while not watch.gone:
+        try:
+            item = inbox.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if item[0] == "stop":  # the learner sends the rest itself
+            break
+    sender.stop(SEND_WAIT_S)  # nothing more is sent; the lock goes with this process
+    os._exit(0)
 
 
 def _yield_cpu() -> None:

@@ -11,20 +11,33 @@ import torch
 from matplotlib.figure import Figure
 
 from learners.algorithm import Algorithm
-from learners.inner_loop import sgd
+from learners.inner_loop import fine_tuning_rule, inner_step
 from learners.params import Params
 from tasks.episode import EpisodeIds, Purpose
 from tasks.sine import SineTasks
 
 
 def learning_curves(history: dict[str, list[float]], first_step: int, window: int = 100) -> Figure:
-    """Query loss before/after adaptation (and accuracy) per meta-step, smoothed by a running mean."""
-    losses = [k for k in ("inner/loss_before", "inner/loss_after") if history.get(k)] or ["meta/loss"]
-    panels = [(losses, "query loss", True)]
+    """Query loss before/after adaptation (and accuracy) per meta-step, smoothed by a running mean.
+
+    Metrics that a run never produced (every step skipped: no loss at all) leave their panel out; with
+    nothing to draw, the figure says why instead of failing after a finished training run.
+    """
+    losses = [k for k in ("inner/loss_before", "inner/loss_after") if history.get(k)]
+    losses = losses or [k for k in ("meta/loss",) if history.get(k)]
+    panels = [(losses, "query loss", True)] if losses else []
     acc = [k for k in ("inner/acc_before", "inner/acc_after") if history.get(k)]
     if acc:
         panels.append((acc, "query accuracy", False))
-    n = len(history[losses[0]])
+    if not panels:
+        skipped = history.get("orchestrator/skipped_steps") or [0]
+        fig = Figure(figsize=(6, 3), layout="constrained")
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no meta-step gave a finite query loss ({int(skipped[-1])} steps skipped)",
+                ha="center", va="center")
+        return fig
+    n = min(len(history[k]) for keys, _, _ in panels for k in keys)
     w = max(1, min(window, n // 10))
     fig = Figure(figsize=(5 * len(panels) + 1, 4), layout="constrained")
     for ax, (keys, ylabel, log) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -46,10 +59,7 @@ def adaptation_plot(curves: dict[str, tuple[np.ndarray, np.ndarray | None]], tit
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for label, (mean, ci) in curves.items():
-        steps = np.arange(len(mean))
-        ax.plot(steps, mean, marker="o", ms=3, label=label)
-        if ci is not None:
-            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+        _line_with_band(ax, np.asarray(mean, dtype=float), ci, label, marker="o", ms=3)
     ax.set_xlabel("gradient steps on the support set")
     ax.set_ylabel("query loss")
     ax.set_yscale("log")
@@ -57,6 +67,34 @@ def adaptation_plot(curves: dict[str, tuple[np.ndarray, np.ndarray | None]], tit
     ax.legend()
     ax.set_title(title)
     return fig
+
+
+def evaluation_curves(summaries: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], title: str) -> Figure:
+    """Each metric (a panel) vs adaptation steps, one line per evaluation (the task, each probe), with the
+    95% CI of the mean as a band; diverged tasks are already left out of ``summaries``."""
+    metrics = list(dict.fromkeys(m for per_metric in summaries.values() for m in per_metric))
+    fig = Figure(figsize=(5 * len(metrics) + 1, 4), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
+        for evaluation, per_metric in summaries.items():
+            if metric in per_metric:
+                mean, ci = per_metric[metric]
+                _line_with_band(ax, mean, ci, evaluation, marker="o", ms=3)
+        ax.set_xlabel("gradient steps on the support set")
+        ax.set_ylabel(f"query {metric}")
+        if metric == "loss":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    return fig
+
+
+def _line_with_band(ax, mean: np.ndarray, ci: np.ndarray | None, label: str, **style) -> None:
+    steps = np.arange(len(mean))
+    line = ax.plot(steps, mean, label=label, **style)[0]
+    if ci is not None:
+        ci = np.nan_to_num(np.asarray(ci, dtype=float), nan=0.0)  # no band where it is unknown
+        ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2, color=line.get_color())
 
 
 def sine_fits(algorithm: Algorithm, params: Params, source: SineTasks, seed: int, steps: tuple[int, ...],
@@ -69,15 +107,17 @@ def sine_fits(algorithm: Algorithm, params: Params, source: SineTasks, seed: int
     grid = torch.tensor(x, dtype=torch.float32)[:, None]
     fig = Figure(figsize=(12, 6), layout="constrained")
     axes = fig.subplots(2, (n_tasks + 1) // 2).ravel()
+    rule = fine_tuning_rule(algorithm, lr)
     for i, ax in enumerate(axes[:n_tasks]):
         sx, sy = batch.support_x[i], batch.support_y[i]
-        task = {k: v.detach() for k, v in algorithm.start(params, sx, sy).items()}
+        start = {k: v.detach() for k, v in algorithm.start(params, sx, sy).items()}
         ax.plot(x, SineTasks.curve(truth[i], x), "k-", lw=2, label="ground truth")
-        done = 0
+        task, done = start, 0
         for s in sorted(steps):
-            task = sgd(algorithm.predict, algorithm.objective, task, algorithm.tunable(task), sx, sy, s - done, lr,
-                       first_order=True)
-            task = {k: v.detach() for k, v in task.items()}
+            for step in range(done, s):  # the algorithm's own rule (learned rates), step by step
+                task = inner_step(algorithm.predict, algorithm.objective, start, task, algorithm.tunable(start),
+                                  sx, sy, step, rule, first_order=True)
+                task = {k: v.detach() for k, v in task.items()}
             done = s
             with torch.no_grad():
                 ax.plot(x, algorithm.predict(task, grid)[:, 0].numpy(), "--" if s == 0 else "-",

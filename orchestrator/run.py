@@ -22,7 +22,7 @@ import numpy as np
 from learners.params import ParamSpec, Params
 from orchestrator import checkpoint, plots
 from orchestrator.atomic import write_atomic
-from orchestrator.build import build_algorithm, build_tasks
+from orchestrator.build import build_algorithm, build_tasks, check_tasks
 from orchestrator.config import Config
 from orchestrator.evaluate import Results, mean_ci
 from orchestrator.group import make_group
@@ -34,6 +34,7 @@ from orchestrator.tracking import open_tracker
 from tasks.episode import EpisodeIds, Purpose
 
 HISTORY_PREFIXES = ("meta/", "inner/", "orchestrator/")
+OnStep = Callable[[int, dict[str, float], Callable[[], None]], bool]
 
 
 @dataclass
@@ -68,8 +69,10 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdo
 
 
 def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: str | None,
-               should_stop: Callable[[], bool] | None) -> TrainResult:
-    """``train`` with the learner in this process."""
+               should_stop: Callable[[], bool] | None, on_step: OnStep | None = None) -> TrainResult:
+    """``train`` with the learner in this process. ``on_step(step, metrics, save)`` is called after every
+    meta-step (with the validation metrics of that step, if any; ``save()`` checkpoints now); when it returns
+    True (a sweep's scheduler stopped the trial) training ends there: checkpointed and closed, not evaluated."""
     ckpt = _starting_point(cfg, resume, out)
     algorithm = build_algorithm(cfg)
     # Opened before Ray starts: an unusable tracking store is reported before any work is done.
@@ -92,13 +95,13 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
             tracker.log_artifact(cfg.run_dir / "config.yaml")
 
             def save(name: str = checkpoint.FILENAME) -> None:
+                tracker.flush()  # first: every metric the checkpoint covers is durable before it exists
                 checkpoint.save(cfg.run_dir / name, cfg, learner=learner.state_dict(),
                                 faults=group.faults.state_dict(), tracker=tracker.state_dict(),
                                 selection=selection.state_dict() if selection else None)
-                tracker.flush()  # what the checkpoint covers is recorded even if this process dies next
 
             first_step = learner.step
-            loop = _Loop(cfg, learner, group, tracker, selection, save, out)
+            loop = _Loop(cfg, learner, group, tracker, selection, save, out, on_step)
             try:
                 with signals.graceful_section():
                     loop.run(signals)
@@ -117,11 +120,11 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
             theta = ParamSpec.of(params).flatten(params).numpy().astype(np.float32)
             results, test_curve = {}, None
             try:
-                if evaluate:
+                if evaluate and not loop.stopped:
                     results, curves = evaluate_and_report(cfg, algorithm, group, theta, tracker, learner.step,
                                                           cfg.run_dir, out)
                     test_curve = mean_ci(curves["test"]["loss"])
-                _log_artifacts(cfg, algorithm, params, tracker, loop.history, first_step)
+                _log_artifacts(cfg, algorithm, params, tracker, loop.history, first_step, learner.step)
             except Interrupted:
                 print(f"interrupted after training: the checkpoint at step {learner.step} is complete; evaluate it "
                       f"with `metaray eval {cfg.run_dir}`", file=out)
@@ -139,16 +142,14 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
     finally:
         if group is not None:
             group.close()
-        unsent = tracker.close(status)
-        if unsent:
-            print(f"tracking: {unsent} metrics are waiting in {cfg.run_dir} for the store; --resume sends them",
-                  file=out)
+        undelivered = tracker.close(status)
+        if undelivered:
+            print(undelivered, file=out)
 
 
 def _starting_point(cfg: Config, resume: bool, out) -> checkpoint.Checkpoint | None:
     """The checkpoint to continue (checked against ``cfg``), or None for a new run; bad data fails here first."""
-    for split in ("train", "val", "eval") if cfg.eval.every else ("train", "eval"):
-        build_tasks(cfg.task, split)  # bad data (missing store, too few images) fails here, before anything starts
+    check_tasks(cfg, ("train", "val", "eval") if cfg.eval.every else ("train", "eval"))  # bad data fails here
     path = cfg.run_dir / checkpoint.FILENAME
     if not resume:
         if path.exists():
@@ -166,10 +167,11 @@ class _Loop:
     validation and early stopping."""
 
     def __init__(self, cfg: Config, learner: CentralLearner, group, tracker, selection: ModelSelection | None,
-                 save: Callable[..., None], out):
+                 save: Callable[..., None], out, on_step: OnStep | None = None):
         self.cfg, self.learner, self.group, self.tracker = cfg, learner, group, tracker
-        self.selection, self.save, self.out = selection, save, out
+        self.selection, self.save, self.out, self.on_step = selection, save, out, on_step
         self.history: dict[str, list[float]] = {}
+        self.stopped = False  # by on_step
 
     def run(self, signals: StopSignals) -> None:
         cfg, learner = self.cfg, self.learner
@@ -183,12 +185,16 @@ class _Loop:
                     self.history.setdefault(k, []).append(v)
             if learner.step % cfg.run.log_every == 0 or learner.step == cfg.outer.steps:
                 _progress(self.out, learner.step, cfg.outer.steps, metrics, time.perf_counter() - started)
+            validated = {}
             if self.selection and (learner.step % cfg.eval.every == 0 or learner.step == cfg.outer.steps):
-                self._validate()
+                validated = self._validate()
             if learner.step % cfg.run.checkpoint_every == 0:
                 self.save()
+            if self.on_step is not None and self.on_step(learner.step, {**metrics, **validated}, self.save):
+                self.stopped = True
+                break
 
-    def _validate(self) -> None:
+    def _validate(self) -> dict[str, float]:
         step, selection = self.learner.step, self.selection
         start = time.perf_counter()
         metrics = validate(self.cfg, self.group, self.learner.theta())
@@ -203,16 +209,17 @@ class _Loop:
         if selection.exhausted:
             print(f"early stop at step {step}: no better {selection.key} in {selection.patience} validations",
                   file=self.out, flush=True)
+        return metrics
 
 
-def _log_artifacts(cfg: Config, algorithm, params: Params, tracker, history, first_step: int) -> None:
+def _log_artifacts(cfg: Config, algorithm, params: Params, tracker, history, first_step: int, step: int) -> None:
     if cfg.tracking.plots and history:
         tracker.log_figure(plots.learning_curves(history, first_step), "learning_curves")
     if cfg.tracking.log_checkpoint:
         tracker.log_artifact(cfg.run_dir / checkpoint.FILENAME, "checkpoint")
     if cfg.tracking.log_model:
         module, example = algorithm.export(params, _eval_batch(cfg, 1))
-        tracker.log_model(module, example.numpy())
+        tracker.log_model(module, example.numpy(), step=step)
 
 
 def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.stdout) -> Results:
@@ -221,7 +228,7 @@ def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.std
     cfg = cfg or ckpt.config
     algorithm = build_algorithm(cfg)
     checkpoint.check_params(ckpt, algorithm.init_params(0))
-    tracker = open_tracker(cfg, command="eval", run_dir=ckpt.path.parent)
+    tracker = open_tracker(cfg, command="eval", run_dir=ckpt.path.parent, evaluates=ckpt.tracker.get("run_id"))
     status, group = "FAILED", None
     try:
         tracker.log_params({**cfg.flat(), "eval.checkpoint": str(ckpt.path), "eval.checkpoint_step": ckpt.step})
@@ -237,7 +244,9 @@ def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.std
     finally:
         if group is not None:
             group.close()
-        tracker.close(status)
+        undelivered = tracker.close(status)
+        if undelivered:
+            print(undelivered, file=out)
 
 
 def _eval_batch(cfg: Config, n: int):

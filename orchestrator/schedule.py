@@ -1,7 +1,7 @@
 """Outer learning-rate schedules (``outer.schedule``): the rate of meta-step ``step`` as a pure function of it.
 
     constant      lr
-    step          lr * gamma ** (number of milestones <= step)        (MetaOptNet's step schedule)
+    step          lr * gamma ** k, k = the number of milestones <= step, or lr * factors[k - 1]   (MetaOptNet)
     exponential   lr * gamma ** (step // every)                        (ProtoNet: halve every 2000 episodes)
     cosine        a linear warm-up to lr over warmup_steps, then
                   min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2, t from 0 to 1 at total_steps    (MAML++)
@@ -37,17 +37,26 @@ class ConstantSchedule(_Schedule):
 class StepSchedule(_Schedule):
     kind: Literal["step"]
     milestones: list[NonNegativeInt] = Field(min_length=1)
-    """Meta-steps at which the rate is multiplied by gamma, increasing."""
+    """Meta-steps at which the rate changes, increasing."""
     gamma: float = Field(0.1, gt=0, le=1)
+    """Multiply the rate by gamma at each milestone."""
+    factors: list[Annotated[float, Field(gt=0)]] | None = None
+    """Instead of gamma: the rate is lr * factors[i] from milestone i on (MetaOptNet: 0.06, 0.012, 0.0024)."""
 
     @model_validator(mode="after")
-    def _increasing(self) -> "StepSchedule":
+    def _consistent(self) -> "StepSchedule":
         if list(self.milestones) != sorted(set(self.milestones)):
             raise ValueError(f"milestones must increase, got {self.milestones}")
+        if self.factors is not None and len(self.factors) != len(self.milestones):
+            raise ValueError(f"factors needs one value per milestone ({len(self.milestones)}), "
+                             f"got {len(self.factors)}")
         return self
 
     def rate(self, lr: float, step: int, total_steps: int) -> float:
-        return lr * self.gamma ** bisect.bisect_right(self.milestones, step)
+        passed = bisect.bisect_right(self.milestones, step)
+        if self.factors is not None:
+            return lr * (self.factors[passed - 1] if passed else 1.0)
+        return lr * self.gamma ** passed
 
 
 class ExponentialSchedule(_Schedule):

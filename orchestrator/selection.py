@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.config import Config
-from orchestrator.evaluate import score
+from orchestrator.evaluate import summarize
 from orchestrator.group import LocalGroup, WorkerGroup
 from tasks.episode import EpisodeIds, Purpose
 
@@ -30,9 +30,10 @@ def validate(cfg: Config, group: LocalGroup | WorkerGroup, theta: np.ndarray) ->
     steps = max(e.steps)
     parts = group.evaluate(theta, ids.split(math.ceil(e.val_tasks / e.batch_tasks)), steps,
                            e.inner_lr or cfg.algorithm.inner_lr, None, "val")
+    curves = {metric: np.concatenate([p[metric] for p in parts]) for metric in parts[0]}
     out = {}
-    for metric in parts[0]:
-        s = score(np.concatenate([p[metric] for p in parts])[:, steps])
+    for metric, by_step in summarize(curves, [steps]).items():  # diverged tasks are left out, as in evaluation
+        s = by_step[steps]
         out[f"val/{metric}"], out[f"val/{metric}_ci95"] = s.mean, s.ci95
     return out
 

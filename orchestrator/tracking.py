@@ -3,22 +3,35 @@
 Default store: ``sqlite:///mlflow.db`` in the working directory (MLflow 3
 refuses the plain file store unless opted in); ``MLFLOW_TRACKING_URI`` or
 ``tracking.uri`` override it. The store is checked before training starts: a
-bad URI is a user error (exit 2). After that, tracking never kills training:
-metrics go through ``MetricWriter`` in its own process (asynchronous, batched, buffered while the
-store is down), and a failing artifact upload is reported and skipped.
+bad URI is a user error (exit 2). After that, tracking never kills training and
+never waits for the store: metrics are appended to the run's metric log on disk
+and artifacts to its queue (both in ``<run dir>/tracking/<run id>/``), and a writer
+process delivers them (``metric_writer``), holding them while the store is down.
 
-A resumed run continues the same MLflow run (its id is kept in the
-checkpoint); metric steps already recorded are not recorded again, so step
-numbers stay continuous without duplicates.
+Exactly once: a checkpoint syncs the metric log first, so every metric up to the
+checkpoint's step is durable. A resumed run continues the same MLflow run (its id is
+in the checkpoint): it first waits until no writer of the crashed process is left
+(the folder's lock), then reads the last step of each metric in the store and in the
+log, and does not record those steps again; resume is bit-identical, so what it
+recomputes equals what was kept. What is still undelivered when a run ends is said in
+one line, with the command that delivers it (``metaray deliver RUN_DIR``, ``deliver``).
+
+For the MLflow UI: the experiment opens in model-training mode; system metrics are on;
+evaluation results come as a table with their 95% CIs (``eval/results.csv``) besides the
+metrics; the final model is a LoggedModel named after the run, with the final evaluation
+metrics linked, registered as ``tracking.registered_model`` if set; a ``metaray eval`` run is a
+child of the training run it evaluates, named ``<training run>-eval``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
+import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,12 +40,19 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Param
 
+from orchestrator import metric_log
+from orchestrator.artifact_queue import ArtifactQueue, register_model
+from orchestrator.atomic import write_atomic
 from orchestrator.config import Config
+from orchestrator.delivery import finish, lock_folder, lock_holder, mlflow_delivery, without_http_retries
 from orchestrator.errors import one_line
-from orchestrator.metric_writer import MetricProcess
+from orchestrator.metric_writer import LOCK_WAIT_S, MetricProcess
 
 log = logging.getLogger("metaray")
 DEFAULT_URI = "sqlite:///mlflow.db"
+FOLDER = "tracking"  # <run dir>/tracking/<MLflow run id>/: the metric log and artifact queue of that run
+EXPERIMENT_KIND = "mlflow.experimentKind"  # read by the UI: model training, not GenAI (traces, tokens)
+MODEL_TRAINING = "custom_model_development"
 
 
 class TrackingError(ValueError):
@@ -57,55 +77,98 @@ class NullTracker:
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_evaluation(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_figure(self, figure: Any, name: str) -> None: ...
-    def log_model(self, module: Any, input_example: Any) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_model(self, module: Any, input_example: Any, step: int | None = None) -> None: ...
     def flush(self) -> None: ...
     def sibling_curves(self, metric: str) -> dict[str, list[float]]:
         return {}
-    def close(self, status: str = "FINISHED") -> int:
-        return 0
+    def close(self, status: str = "FINISHED") -> str:
+        return ""
 
 
 class MlflowTracker:
     def __init__(self, cfg: Config, *, run_id: str | None = None, parent_run_id: str | None = None,
-                 command: str = "train", run_dir: Path | None = None):
-        # Our writer retries with its own backoff; MLflow's default HTTP retries would stall a step for minutes.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+                 evaluates: str | None = None, command: str = "train", run_dir: Path | None = None):
+        """``run_id`` continues that run (resume); ``parent_run_id`` nests a new run under a sweep's parent;
+        ``evaluates`` (a training run id) makes a ``metaray eval`` run that training run's child."""
+        without_http_retries()
         self.uri = resolve_uri(cfg)
         self.cfg = cfg
+        self.run_dir = run_dir or cfg.run_dir
+        resumed = run_id is not None
         try:
             self.client = MlflowClient(self.uri)
             self.experiment_id = self._experiment(experiment_name(cfg))
             if run_id is None:
-                run = self.client.create_run(self.experiment_id, run_name=cfg.run.name,
-                                             tags=_tags(cfg, command, parent_run_id))
-                run_id = run.info.run_id
+                name, tags = cfg.run.name, _tags(cfg, command, parent_run_id)
+                if evaluates:
+                    name, tags = self._evaluation_of(evaluates, tags)
+                run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
             else:
                 self.client.update_run(run_id, status="RUNNING")
-            self._recorded = self._last_steps(run_id)
+            self.run_name = self.client.get_run(run_id).info.run_name
         except Exception as e:  # noqa: BLE001 - whatever the store says, it is unusable: report it in one line
-            raise TrackingError(f"tracking store {self.uri!r} is not usable ({one_line(e, 240)}); start the server or fix "
-                                "tracking.uri / MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db)") from None
+            raise self._unusable(e) from None
         self.run_id = run_id
-        spill = (run_dir or cfg.run_dir) / f"tracking-spill-{run_id}.jsonl"
+        self.folder = self.run_dir / FOLDER / run_id
+        self._recorded = self._recorded_steps() if resumed else {}
+        _write_meta(self.folder, {"uri": _absolute(self.uri), "run_id": run_id,
+                                  "experiment_id": self.experiment_id})
         t = cfg.tracking
-        self.writer = MetricProcess(self.uri, run_id, spill, t.flush_every_s, t.max_buffered_metrics)
+        system_step = None
+        if t.system_metrics:
+            system_step = 1 + max((s for k, s in self._recorded.items() if k.startswith("system/")), default=-1)
+        self.writer = MetricProcess(self.uri, run_id, self.experiment_id, self.folder, t.flush_every_s,
+                                    t.max_buffered_metrics, system_step)
+        self.artifacts = ArtifactQueue(self.folder / "outbox")
+        self._evaluation: list[tuple[str, float, int, int]] = []  # linked to the model when it is logged
+
+    def _unusable(self, e: Exception) -> TrackingError:
+        return TrackingError(f"tracking store {self.uri!r} is not usable ({one_line(e, 240)}); start the server or "
+                             "fix tracking.uri / MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db)")
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except mlflow.exceptions.MlflowException:
-            return self.client.get_experiment_by_name(name).experiment_id  # created concurrently by a sibling
+        if found is None:
+            try:
+                return self.client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+            except mlflow.exceptions.MlflowException:
+                found = self.client.get_experiment_by_name(name)  # created concurrently by a sibling
+        if EXPERIMENT_KIND not in found.tags:  # made by an older metaray, or by hand: say what it holds
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        return found.experiment_id
 
-    def _last_steps(self, run_id: str) -> dict[str, int]:
-        """Last recorded step per metric key (resume: those steps are not recorded twice)."""
-        keys = self.client.get_run(run_id).data.metrics
-        return {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in keys}
+    def _evaluation_of(self, train_run_id: str, tags: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """Name and tags of an evaluation run: ``<training run>-eval``, the training run's child."""
+        try:
+            trained = self.client.get_run(train_run_id)
+        except mlflow.exceptions.MlflowException:  # trained against another store: nothing here to link to
+            return f"{self.cfg.run.name}-eval", tags
+        tags = {**tags, "metaray.evaluates": train_run_id}
+        if trained.info.experiment_id == self.experiment_id:  # the UI nests runs within one experiment only
+            tags["mlflow.parentRunId"] = train_run_id
+        return f"{trained.info.run_name}-eval", tags
+
+    def _recorded_steps(self) -> dict[str, int]:
+        """Last step per metric key in the store or in the metric log, read once no old writer is left."""
+        lock = lock_folder(self.folder, LOCK_WAIT_S)
+        if lock is None:
+            raise TrackingError(f"MLflow run {self.run_id} is still being written by process "
+                                f"{lock_holder(self.folder)} (see {self.folder}); stop that run, then resume")
+        try:
+            try:
+                run = self.client.get_run(self.run_id)
+            except Exception as e:  # noqa: BLE001
+                raise self._unusable(e) from None
+            # The latest metric of each key is the one at its largest step (MLflow orders by step first).
+            stored = {m.key: m.step for m in run.data._metric_objs}
+            kept = metric_log.last_steps(self.folder)
+            return {k: max(stored.get(k, -1), kept.get(k, -1)) for k in stored.keys() | kept.keys()}
+        finally:
+            os.close(lock)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue this MLflow run."""
@@ -126,26 +189,33 @@ class MlflowTracker:
         if metrics:
             self.writer.add(metrics, step)
 
+    def log_evaluation(self, metrics: dict[str, float], step: int) -> None:
+        """The final evaluation's summary metrics (at training step ``step``); the model is linked to them."""
+        ts = int(time.time() * 1000)
+        self.writer.add(metrics, step, ts)
+        self._evaluation = [(k, float(v), ts, step) for k, v in metrics.items()]
+
     def flush(self) -> None:
+        """Every metric logged so far is durable (on disk) when this returns: call it before a checkpoint."""
         self.writer.flush()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._safe(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+        self.artifacts.put_file(Path(path), artifact_path)
 
     def log_figure(self, figure: Any, name: str) -> None:
-        self._safe(lambda: self.client.log_figure(self.run_id, figure, f"plots/{name}.png"))
+        self.artifacts.put_bytes(lambda p: figure.savefig(p, format="png"), f"plots/{name}.png")
 
-    def log_model(self, module: Any, input_example: Any) -> None:
-        """The final model as an MLflow PyTorch model (a LoggedModel with a signature)."""
-        import learners
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.artifacts.put_bytes(lambda p: p.write_text(text), artifact_file)
 
-        def log() -> None:
-            with _fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(module, name="model", input_example=input_example,
-                                         code_paths=[str(Path(learners.__file__).parent)],
-                                         pip_requirements=[f"torch=={metadata.version('torch')}"])
-
-        self._safe(log)
+    def log_model(self, module: Any, input_example: Any, step: int | None = None) -> None:
+        """The final model: a LoggedModel named after the run (a signature from ``input_example``), output of
+        the run at ``step``, with the last ``log_evaluation`` metrics linked; registered if configured."""
+        if step is None:
+            step = max((s for *_, s in self._evaluation), default=0)
+        params = {k: _param_value(v) for k, v in self.cfg.flat().items()}
+        self.artifacts.put_model(module, input_example, name=self.run_name, step=step, params=params,
+                                 metrics=self._evaluation, register=self.cfg.tracking.registered_model)
 
     def sibling_curves(self, metric: str) -> dict[str, list[float]]:
         """``metric`` histories (by step) of the other finished runs in this experiment, by run name."""
@@ -163,10 +233,20 @@ class MlflowTracker:
 
         return self._safe(fetch, {}) or {}
 
-    def close(self, status: str = "FINISHED") -> int:
-        left = self.writer.close(self.cfg.tracking.close_timeout_s)
-        self._safe(lambda: self.client.set_terminated(self.run_id, status))
-        return left
+    def close(self, status: str = "FINISHED") -> str:
+        """Deliver what is left (waiting up to ``tracking.close_timeout_s``) and end the run with ``status``.
+        Returns one line saying what is still undelivered and how to deliver it, or "" if nothing is."""
+        metrics = self.writer.close(self.cfg.tracking.close_timeout_s)
+        artifacts = len(self.artifacts.entries())
+        ended = self._safe(lambda: self.client.set_terminated(self.run_id, status) or True, False)
+        if not (metrics or artifacts or not ended):
+            _remove(self.folder)
+            return ""
+        _write_meta(self.folder, {**_read_meta(self.folder), "status": status})
+        what = [f"{metrics} metrics"] * bool(metrics) + [f"{artifacts} artifacts"] * bool(artifacts)
+        what += [f"the run's status ({status})"] * (not ended)
+        return (f"tracking: not in MLflow yet (store {self.uri} unreachable): {', '.join(what)}; kept in "
+                f"{self.folder}; deliver with: metaray deliver {self.run_dir}")
 
     def _safe(self, fn, default: Any = None) -> Any:
         try:
@@ -176,27 +256,91 @@ class MlflowTracker:
             return default
 
 
-@contextlib.contextmanager
-def _fluent_uri(uri: str):
-    """MLflow's fluent API (needed by log_model) reads a process-wide URI, and setting it also sets
-    $MLFLOW_TRACKING_URI: restore both, or the next run in this process would track to this store."""
-    old_env, old_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_uri)
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
-
-
 def open_tracker(cfg: Config, state: dict[str, Any] | None = None, **kwargs: Any) -> MlflowTracker | NullTracker:
     """The run's tracker; ``state`` (a tracker's ``state_dict()`` from a checkpoint) continues its MLflow run."""
     if not cfg.tracking.enabled:
         return NullTracker()
     return MlflowTracker(cfg, run_id=(state or {}).get("run_id"), **kwargs)
+
+
+def deliver(run_dir: str | Path, out=sys.stdout) -> int:
+    """Send to MLflow what the runs of ``run_dir`` left undelivered (``metaray deliver``), and end those runs
+    with the status they stopped with. Returns how many metrics and artifacts are still undelivered."""
+    if not Path(run_dir).is_dir():
+        raise TrackingError(f"{run_dir}: no such run folder")
+    without_http_retries()
+    left = 0
+    folders = sorted(p for p in (Path(run_dir) / FOLDER).glob("*") if (p / "store.json").exists())
+    if not folders:
+        print(f"{run_dir}: nothing to deliver", file=out)
+    for folder in folders:
+        meta = _read_meta(folder)
+        lock = lock_folder(folder, LOCK_WAIT_S)
+        if lock is None:
+            raise TrackingError(f"{folder} is being delivered by process {lock_holder(folder)} (a run still going?)")
+        try:
+            client = MlflowClient(meta["uri"])
+            error = finish(mlflow_delivery(folder, client, meta["run_id"], meta["experiment_id"]), 0)
+            if error is None and meta.get("status"):
+                try:
+                    client.set_terminated(meta["run_id"], meta["status"])
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            if error is not None:  # the store is still down: say so and keep everything
+                n = metric_log.pending_count(folder) + len(ArtifactQueue(folder / "outbox").entries())
+                print(f"MLflow run {meta['run_id']}: {n} metrics and artifacts still undelivered "
+                      f"({one_line(error, 160)}); try again when {meta['uri']} is reachable", file=out)
+                left += max(n, 1)
+                continue
+        finally:
+            os.close(lock)
+        _remove(folder)
+        print(f"MLflow run {meta['run_id']}: everything delivered", file=out)
+    return left
+
+
+def register(uri: str, run_id: str, name: str) -> str:
+    """Register the latest LoggedModel of run ``run_id`` as a new version of ``name`` (e.g. for a CLI
+    ``--register`` after the fact); returns the version. New runs register through ``tracking.registered_model``."""
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")
+    if not models:
+        raise TrackingError(f"MLflow run {run_id} has no logged model to register")
+    latest = max(models, key=lambda m: m.creation_timestamp)
+    return register_model(client, latest.model_id, name, run_id)
+
+
+def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    write_atomic(folder / "store.json", json.dumps(meta))
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "store.json").read_text())
+
+
+def _remove(folder: Path) -> None:
+    """Delete a delivered tracking folder (and ``tracking/`` once empty), unless someone holds its lock."""
+    lock = lock_folder(folder, 0)
+    if lock is None:
+        return
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(lock)
+    try:
+        folder.parent.rmdir()
+    except OSError:
+        pass
+
+
+def _absolute(uri: str) -> str:
+    """A relative SQLite path made absolute, so that ``metaray deliver`` works from any directory."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri
 
 
 def _tags(cfg: Config, command: str, parent_run_id: str | None) -> dict[str, str]:

@@ -78,7 +78,9 @@ class TaskWorker:
         self.index = index
         self.incarnation = uuid.uuid4().hex
         self.device = _device(self.cfg)
-        self.algorithm = build_algorithm(self.cfg, self.device)
+        self.algorithm = build_algorithm(self.cfg, device=self.device)
+        # Training episodes may have another n_way (task.train.n_way); a head written from the support set follows.
+        self.train_algorithm = build_algorithm(self.cfg, "train", self.device)
         self.spec = ParamSpec.of(self.algorithm.init_params(0))
         self._sources: dict[tuple[str, str | None], TaskSource] = {}
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
@@ -99,8 +101,10 @@ class TaskWorker:
         start = time.perf_counter()
         params = self._params(theta)
         batch = self._train_batch(ids)
+        algorithm = self.train_algorithm
+        algorithm = algorithm.for_step(ids.step) if hasattr(algorithm, "for_step") else algorithm
         with self._precision():
-            summed = self.algorithm.meta_gradient(params, batch)
+            summed = algorithm.meta_gradient(params, batch)
         grad = self.spec.flatten(summed.grads).detach().to("cpu", torch.float32).numpy()
         result = TaskResult(grad, summed.stats, summed.tasks, summed.dropped, time.perf_counter() - start,
                             self.index, self.incarnation)

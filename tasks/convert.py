@@ -138,7 +138,7 @@ def decode(data: bytes, mode: Literal["L", "RGB"], size: tuple[int, int], invert
     return 255 - pixels if invert else np.ascontiguousarray(pixels)
 
 
-_UNREADABLE = (OSError, ValueError, SyntaxError, KeyError, EOFError, zipfile.BadZipFile, Image.DecompressionBombError)
+UNREADABLE = (OSError, ValueError, SyntaxError, KeyError, EOFError, zipfile.BadZipFile, Image.DecompressionBombError)
 
 
 def convert(classes: Sequence[ClassFiles], dest: str | Path, *, mode: Literal["L", "RGB"], size: tuple[int, int],
@@ -180,8 +180,9 @@ def convert(classes: Sequence[ClassFiles], dest: str | Path, *, mode: Literal["L
             for ref in c.files:
                 try:
                     pixels.append(decode(reader.read(ref), mode, size, invert))
-                except _UNREADABLE as e:
-                    bad(f"image {ref} (class {c.name!r}) cannot be read: {_reason(e)}", "replace or delete the file")
+                except UNREADABLE as e:
+                    bad(f"image {ref} (class {c.name!r}) cannot be read: {error_reason(e)}",
+                        "replace or delete the file")
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -195,6 +196,61 @@ def convert(classes: Sequence[ClassFiles], dest: str | Path, *, mode: Literal["L
     return Conversion(dest, num_classes, num_images, tuple(skipped))
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
     text = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@dataclass(frozen=True)
+class ClassArrays:
+    """One class of a source that holds pixels (pickled arrays) rather than image files: ``load()`` gives them,
+    uint8 [n, C, H, W] at the store's size; ``count`` is known before loading."""
+
+    name: str
+    group: str
+    count: int
+    load: Callable[[], np.ndarray]
+    where: str
+
+
+def write_arrays(classes: Sequence[ClassArrays], dest: str | Path, shape: tuple[int, int, int], *, source: str,
+                 preprocessing: str, min_per_class: int = 1, skip_bad: bool = False, overwrite: bool = False,
+                 progress: Progress | None = None) -> Conversion:
+    """Stream ``classes`` into a new store at ``dest`` (atomically), with ``convert``'s class checks."""
+    dest = Path(dest)
+    if min_per_class < 1:
+        raise DataError(f"min_per_class must be >= 1, got {min_per_class}")
+    check_destination(dest, overwrite)
+    skipped: list[str] = []
+    kept = []
+    for c in classes:
+        if c.count < min_per_class:
+            line = (f"class {c.name!r} ({c.where}) has {c.count} images, fewer than the {min_per_class} required "
+                    "(min_per_class)")
+            if not skip_bad:
+                raise DataError(f"{line}; lower --min-per-class, or pass --skip-bad (skip_bad=True) to leave it out")
+            skipped.append(line)
+        else:
+            kept.append(c)
+    total, done = sum(c.count for c in kept), 0
+    with StoreWriter(dest, shape, source=source, preprocessing=preprocessing, overwrite=overwrite) as writer:
+        for c in kept:
+            writer.add_class(c.name, c.group, c.load())
+            done += c.count
+            if progress is not None:
+                progress(done, total)
+        writer.skipped = skipped
+    return Conversion(dest, len(kept), total, tuple(skipped))
+
+
+def resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [n, C, h, w] -> [n, C, size, size] as ``decode`` resizes (Pillow, bilinear); unchanged at its size."""
+    n, c, h, w = pixels.shape
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(pixels)
+    out = np.empty((n, c, size, size), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        img = Image.fromarray(image[0] if c == 1 else image.transpose(1, 2, 0))
+        small = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+        out[i] = small[None] if c == 1 else small.transpose(2, 0, 1)
+    return out

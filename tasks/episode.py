@@ -12,7 +12,9 @@ generator seeded only by ``(seed, purpose, step, index)``. Any process can
 therefore rebuild any episode bit for bit, so a meta-batch does not depend on
 how many workers computed it, and a share lost with a dead worker is recomputed
 exactly elsewhere. ``purpose`` keeps training and evaluation streams apart even
-when a run's seed equals the evaluation seed.
+when a run's seed equals the evaluation seed. ``stream`` gives one episode
+further independent generators (``AUGMENT``: its augmentation), so adding a
+random part to an episode never changes which classes and images it draws.
 
 Two streams serve the task sources. ``episode_rng`` is a full numpy Generator
 per episode (image episodes: choices without replacement). ``episode_uniforms``
@@ -45,6 +47,10 @@ class Purpose(IntEnum):
     VAL = 2  # validation during training: fixed episodes of their own stream
 
 
+SAMPLE, AUGMENT = 0, 1
+"""Streams of one episode: its classes and images (``SAMPLE``), its augmentation (``AUGMENT``)."""
+
+
 @dataclass(frozen=True)
 class EpisodeIds:
     """Seed-addressed episode ids: what the learner ships to a worker instead of data."""
@@ -67,11 +73,15 @@ class EpisodeIds:
         ]
 
 
-def episode_rng(seed: int, step: int, index: int, purpose: Purpose = Purpose.TRAIN) -> np.random.Generator:
-    """The generator of one episode, a function of its id only."""
-    if min(seed, step, index) < 0:
-        raise ValueError(f"episode ids are non-negative, got seed={seed} step={step} index={index}")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(int(purpose), step, index))))
+def episode_rng(seed: int, step: int, index: int, purpose: Purpose = Purpose.TRAIN,
+                stream: int = SAMPLE) -> np.random.Generator:
+    """The generator of one episode's ``stream``, a function of its id only."""
+    if min(seed, step, index, stream) < 0:
+        raise ValueError(f"episode ids are non-negative, got seed={seed} step={step} index={index} stream={stream}")
+    # The sampling stream keeps its original 3-word spawn key, so episodes drawn before streams existed are unchanged;
+    # another stream appends a non-zero word (a different SeedSequence pool).
+    key = (int(purpose), step, index) if stream == SAMPLE else (int(purpose), step, index, stream)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
 
 
 _MASK = 2**64 - 1

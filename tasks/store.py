@@ -18,15 +18,26 @@ Schema (one row per image; rows grouped by class, one record batch per class)::
 Schema metadata (utf-8 bytes):
 
     metaray.format          "metaray-image-store"
-    metaray.format_version  "1" (``FORMAT_VERSION``; ``open`` refuses other versions)
+    metaray.format_version  "2" (``FORMAT_VERSION``; ``open`` also reads version 1, refuses others)
     metaray.store           JSON: {"source", "image_shape": [C, H, W], "preprocessing",
                             "num_images", "content_hash": "sha256:...",
-                            "classes": [{"name", "group", "start", "stop"}, ...]}
+                            "classes": [{"name", "group", "start", "stop", "crc32"}, ...]}
 
 ``classes[i]`` is class i with its row range [start, stop) (the role of
 Meta-Dataset's ``dataset_spec.json``). ``content_hash`` is a sha256 over the
 image shape and, class by class, the name, group, image count and pixels:
 two stores with the same hash hold the same labelled images.
+
+Integrity. Pixels altered after writing (a bad disk, a bad copy, an edit)
+must never train silently, yet re-hashing a whole store at every open would
+cost seconds per worker. So each class carries the CRC-32 of its pixels
+(version 2), checked the first time this process reads that class
+(``images``): a class is paid for once per process, when an episode first
+needs it, at zlib's ~2 GB/s (CRC-32 rather than sha256: twice as fast here,
+and the per-class sums guard against accidents, not forgers, who could rewrite
+them too). ``verify`` (``metaray data verify``) re-hashes everything against
+both the class sums and the content hash. A version-1 store (no class sums)
+still opens; its first read verifies the whole content hash once instead.
 
 Stores are written by ``tasks.store_writer.StoreWriter`` (atomically) and
 read by ``ImageStore``:
@@ -41,6 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,7 +60,8 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT = "metaray-image-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _KEY_FORMAT, _KEY_VERSION, _KEY_STORE = b"metaray.format", b"metaray.format_version", b"metaray.store"
 
 
@@ -79,6 +92,9 @@ def hash_class(h: Any, name: str, group: str, pixels: np.ndarray) -> None:
     h.update(np.ascontiguousarray(pixels).data)
 
 
+def class_checksum(pixels: np.ndarray) -> int:
+    """The CRC-32 of one class's pixel bytes, recorded by the writer and checked at first read."""
+    return zlib.crc32(np.ascontiguousarray(pixels).data)
 
 
 class ImageStore:
@@ -104,7 +120,10 @@ class ImageStore:
         self.preprocessing: str = meta["preprocessing"]
         self.content_hash: str = meta["content_hash"]
         self.num_images: int = meta["num_images"]
+        self.format_version: int = meta["format_version"]
         self._index = {name: i for i, name in enumerate(self.class_names)}
+        self._checksums: list[int | None] = [c.get("crc32") for c in classes]
+        self._checked = [False] * len(classes)
 
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = False) -> "ImageStore":
@@ -132,14 +151,35 @@ class ImageStore:
         return len(self.class_names)
 
     def count(self, class_index: int) -> int:
-        """Number of images of class ``class_index``."""
-        return len(self.images(class_index))
+        """Number of images of class ``class_index`` (from the index: reads no pixels)."""
+        self._in_range(class_index)
+        return len(self._views[class_index])
 
     def images(self, class_index: int) -> np.ndarray:
-        """All images of one class: uint8 [n, C, H, W], a read-only view into the memory map (no copy)."""
+        """All images of one class: uint8 [n, C, H, W], a read-only view into the memory map (no copy).
+
+        The first read of a class in this process checks its pixels against the checksum recorded at
+        write time (a ``DataError`` when they differ).
+        """
+        self._in_range(class_index)
+        if not self._checked[class_index]:
+            self._check(class_index)
+        return self._views[class_index]
+
+    def _in_range(self, class_index: int) -> None:
         if not 0 <= class_index < len(self._views):
             raise IndexError(f"class index {class_index} is out of range for a store of {len(self._views)} classes")
-        return self._views[class_index]
+
+    def _check(self, class_index: int) -> None:
+        expected = self._checksums[class_index]
+        if expected is None:  # a version-1 store has no class sums: check everything once
+            self.verify()
+            return
+        if class_checksum(self._views[class_index]) != expected:
+            raise DataError(f"{self.path} is corrupt: the pixels of class {self.class_names[class_index]!r} do not "
+                            "match the checksum written with them; convert the dataset again "
+                            f"(`metaray data verify {self.path}` checks the whole store)")
+        self._checked[class_index] = True
 
     def class_index(self, name: str) -> int:
         """The index of the class called ``name``."""
@@ -159,13 +199,18 @@ class ImageStore:
         return self._mmap.size()
 
     def verify(self) -> None:
-        """Re-hash labels and pixels (reads the whole file) and compare with the recorded content hash."""
+        """Re-hash labels and pixels (reads the whole file) against the class checksums and the content hash."""
         h = hashlib.sha256(repr(self.image_shape).encode())
-        for name, group, pixels in zip(self.class_names, self.groups, self._views):
+        for i, (name, group, pixels) in enumerate(zip(self.class_names, self.groups, self._views)):
+            expected = self._checksums[i]
+            if expected is not None and class_checksum(pixels) != expected:
+                raise DataError(f"{self.path} is corrupt: the pixels of class {name!r} do not match the checksum "
+                                "written with them; convert the dataset again")
             hash_class(h, name, group, pixels)
         if f"sha256:{h.hexdigest()}" != self.content_hash:
             raise DataError(f"{self.path} is corrupt: its pixels or labels do not match its content hash; "
                             "convert the dataset again")
+        self._checked = [True] * len(self._views)
 
     def __reduce__(self) -> tuple:
         return _reopen, (str(self.path), self.content_hash)
@@ -211,9 +256,10 @@ def _check_meta(path: Path, schema: pa.Schema, batch_lengths: list[int]) -> dict
         raise DataError(f"{path} is an Arrow file but not a metaray image store; convert the dataset with "
                         "`metaray data convert ...`")
     version = md.get(_KEY_VERSION, b"?").decode(errors="replace")
-    if version != str(FORMAT_VERSION):
-        raise DataError(f"{path} has image store format version {version}, this metaray reads version "
-                        f"{FORMAT_VERSION}; convert the dataset again with this version")
+    if version not in {str(v) for v in READABLE_VERSIONS}:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+        raise DataError(f"{path} has image store format version {version}, this metaray reads versions "
+                        f"{readable}; convert the dataset again with this version")
 
     def corrupt(why: str) -> DataError:
         return DataError(f"{path} is corrupt ({why}); convert the dataset again")
@@ -222,6 +268,9 @@ def _check_meta(path: Path, schema: pa.Schema, batch_lengths: list[int]) -> dict
         meta = json.loads(md[_KEY_STORE])
         shape, classes = [int(s) for s in meta["image_shape"]], meta["classes"]
         bounds = [(str(c["name"]), str(c["group"]), int(c["start"]), int(c["stop"])) for c in classes]
+        sums = [c.get("crc32") for c in classes]
+        if version != "1" and not all(isinstance(v, int) and not isinstance(v, bool) for v in sums):
+            raise KeyError("crc32")
         missing = [k for k in ("source", "preprocessing", "content_hash", "num_images") if k not in meta]
         if missing:
             raise KeyError(", ".join(missing))
@@ -238,5 +287,5 @@ def _check_meta(path: Path, schema: pa.Schema, batch_lengths: list[int]) -> dict
         stop = end
     if stop != meta["num_images"] or len({b[0] for b in bounds}) != len(bounds):
         raise corrupt("the class index does not match the number of images, or repeats a class name")
-    meta["image_shape"] = shape
+    meta["image_shape"], meta["format_version"] = shape, int(version)
     return meta

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from tasks.store import DataError, hash_class, store_schema
+from tasks.store import DataError, class_checksum, hash_class, store_schema
 
 
 def skipped_path(dest: str | Path) -> Path:
@@ -78,7 +78,8 @@ class StoreWriter:
         ], schema=store_schema(self.shape))
         self._rows.write_batch(batch)
         hash_class(self._hash, name, group, pixels)
-        self._classes.append({"name": name, "group": group, "start": start, "stop": start + n})
+        self._classes.append({"name": name, "group": group, "start": start, "stop": start + n,
+                              "crc32": class_checksum(pixels)})
         self._names.add(name)
         self._num_rows += n
 

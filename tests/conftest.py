@@ -1,14 +1,64 @@
-"""Shared fixtures: one real local Ray for the session, tiny configs, a seeded generator."""
+"""Shared fixtures: one real local Ray for the session, tiny configs, a seeded generator; and a check that the
+session leaves no process behind."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from orchestrator.config import Config, parse_config
+
+
+SESSION_MARK = "METARAY_TEST_SESSION"  # in the environment of every process the session starts
+
+
+def pytest_configure(config):
+    os.environ[SESSION_MARK] = f"{os.getpid()}.{time.time_ns()}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a process started by the session outlived it (after every fixture's teardown): its
+    children, and any process carrying the session's mark, re-parented or not. Then end them."""
+    mark = f"{SESSION_MARK}={os.environ.get(SESSION_MARK)}".encode()
+    deadline = time.monotonic() + 15  # e.g. Ray's processes take a few seconds to exit after ray.shutdown
+    left = _session_processes(mark)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _session_processes(mark)
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        lines = [f"  pid {pid}: {cmd}" for pid, cmd in left.items()]
+        print("\nFAILED: processes left behind by the test session:\n" + "\n".join(lines))
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _session_processes(mark: bytes) -> dict[int, str]:
+    """Live processes (not zombies) whose parent is this process or whose environment holds ``mark``."""
+    me, out = os.getpid(), {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            pid = int(proc.name)
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if pid == me or stat[0] == "Z":
+                continue
+            if int(stat[1]) == me or mark in (proc / "environ").read_bytes().split(b"\0"):
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if "multiprocessing.resource_tracker" not in cmd:  # pytest's own helper; it ends with pytest
+                    out[pid] = cmd[:200]
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return out
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -80,6 +130,19 @@ def drill(monkeypatch):
 def flat(params) -> torch.Tensor:
     """A parameter dict as one vector, in its own order."""
     return torch.cat([v.reshape(-1) for v in params.values()])
+
+
+def assert_directional_derivative(loss, params, grads, seed: int, rel_tol: float, eps: float = 1e-6) -> None:
+    """<grads, d> equals the central finite difference of ``loss`` (a parameter dict -> float) along a random d.
+
+    ``d`` has one standard normal tensor per parameter, each drawn from a fresh generator seeded ``seed``.
+    """
+    direction = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(seed), dtype=v.dtype)
+                 for k, v in params.items()}
+    fd = (loss({k: params[k] + eps * direction[k] for k in params})
+          - loss({k: params[k] - eps * direction[k] for k in params})) / (2 * eps)
+    analytic = sum(float((grads[k] * direction[k]).sum()) for k in params)
+    assert math.isclose(analytic, fd, rel_tol=rel_tol), (analytic, fd)
 
 
 def tiny_config(tmp_path, **sections) -> Config:

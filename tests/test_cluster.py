@@ -1,6 +1,7 @@
 """cluster/: the launcher configs validate against Ray's own schema and keep the project's rules
 (CPU head with no Ray resources, GPU groups from zero, spot only for workers, image = installed
-ray, token auth, dashboard on 127.0.0.1); the KubeRay manifests carry what a GPU cluster needs;
+ray, token auth, dashboard on 127.0.0.1); the KubeRay manifests validate against the CRDs KubeRay
+publishes and carry what a GPU cluster needs;
 and cluster/local_cluster.sh really starts a head + 2 workers and then ends every process it
 started, and nothing else.
 
@@ -10,6 +11,8 @@ The real-cluster tests are marked ``cluster`` (they run by default; select them 
 from __future__ import annotations
 
 import copy
+import functools
+import gzip
 import json
 import os
 import re
@@ -158,116 +161,67 @@ def test_requirements_pin_every_project_dependency_but_ray():
 
 
 # ---------------------------------------------------------------------------------------------
-# KubeRay. A structural subset of the ray.io/v1 CRDs, written from KubeRay's API types
-# (ray-operator/apis/ray/v1/raycluster_types.go, rayjob_types.go) and its API reference
-# (authOptions: KubeRay >= 1.5.1, secretName >= 1.6): required fields, string-valued
-# rayStartParams, Kubernetes quantities, enums. The full CRD is not vendored here.
+# KubeRay: the ray.io/v1 CRDs the operator publishes (tests/data/kuberay, see its NOTICE), read as
+# `kubectl apply` does with its default strict field validation: an unknown field is an error. The
+# CRDs' CEL rules (x-kubernetes-validations) run only in an API server and are not checked here.
 
-_QUANTITY = {
-    "anyOf": [
-        {"type": "integer"},
-        {"type": "string", "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
-                                      r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"},
-    ]
-}
-_POD_TEMPLATE = {
-    "type": "object",
-    "properties": {"spec": {
-        "type": "object",
-        "required": ["containers"],
-        "properties": {"containers": {"type": "array", "minItems": 1, "items": {
-            "type": "object",
-            "required": ["name", "image"],
-            "properties": {
-                "name": {"type": "string"},
-                "image": {"type": "string"},
-                "resources": {"type": "object", "additionalProperties": False, "properties": {
-                    "limits": {"type": "object", "additionalProperties": _QUANTITY},
-                    "requests": {"type": "object", "additionalProperties": _QUANTITY},
-                }},
-                "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"]}},
-            },
-        }}},
-    }},
-}
-_RAY_START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
-_REPLICAS = {"type": "integer", "minimum": 0}
-RAYCLUSTER_SPEC = {
-    "type": "object",
-    "required": ["headGroupSpec"],
-    "additionalProperties": False,
-    "properties": {
-        "rayVersion": {"type": "string"},
-        "authOptions": {"type": "object", "additionalProperties": False, "properties": {
-            "mode": {"enum": ["disabled", "token"]},
-            "secretName": {"type": "string"},
-            "enableK8sTokenAuth": {"type": "boolean"},
-        }},
-        "enableInTreeAutoscaling": {"type": "boolean"},
-        "autoscalerOptions": {"type": "object", "properties": {
-            "idleTimeoutSeconds": {"type": "integer"},
-            "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-        }},
-        "suspend": {"type": "boolean"},
-        "managedBy": {"type": "string"},
-        "headServiceAnnotations": {"type": "object"},
-        "gcsFaultToleranceOptions": {"type": "object"},
-        "headGroupSpec": {
-            "type": "object",
-            "required": ["rayStartParams", "template"],
-            "properties": {
-                "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
-                "rayStartParams": _RAY_START_PARAMS,
-                "template": _POD_TEMPLATE,
-            },
-        },
-        "workerGroupSpecs": {"type": "array", "items": {
-            "type": "object",
-            "required": ["groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"],
-            "properties": {
-                "groupName": {"type": "string"},
-                "replicas": _REPLICAS,
-                "minReplicas": _REPLICAS,
-                "maxReplicas": _REPLICAS,
-                "rayStartParams": _RAY_START_PARAMS,
-                "template": _POD_TEMPLATE,
-            },
-        }},
-    },
-}
-RAYJOB_SPEC = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "entrypoint": {"type": "string"},
-        "runtimeEnvYAML": {"type": "string"},
-        "shutdownAfterJobFinishes": {"type": "boolean"},
-        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-        "backoffLimit": {"type": "integer", "minimum": 0},
-        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-        "rayClusterSpec": RAYCLUSTER_SPEC,
-        "clusterSelector": {"type": "object"},
-        "submitterPodTemplate": {"type": "object"},
-        "submitterConfig": {"type": "object"},
-        "metadata": {"type": "object"},
-        "jobId": {"type": "string"},
-        "entrypointResources": {"type": "string"},
-        "entrypointNumCpus": {"type": "number"},
-        "entrypointNumGpus": {"type": "number"},
-        "suspend": {"type": "boolean"},
-        "managedBy": {"type": "string"},
-        "deletionStrategy": {"type": "object"},
-    },
-}
+CRDS = Path(__file__).parent / "data" / "kuberay"
 
 
-def manifest(kind: str, spec_schema: dict, path: str) -> dict:
+def strict(schema):
+    """``schema`` with unknown fields rejected wherever the API server's strict field validation rejects them:
+    objects that list their properties, unless marked x-kubernetes-preserve-unknown-fields."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    open_ended = "additionalProperties" in out or out.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in out and not open_ended:
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.Draft4Validator:
+    """A validator for a whole ``kind`` document from its CRD's ray.io/v1 OpenAPI schema."""
+    crd = json.loads(gzip.decompress((CRDS / f"ray.io_{kind.lower()}s.json.gz").read_bytes()))
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == kind
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft4Validator(strict(v1["schema"]["openAPIV3Schema"]))
+
+
+def manifest(kind: str, path: str) -> dict:
     doc = load(path)
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind
     assert doc["metadata"]["name"]
-    jsonschema.validate(doc["spec"], spec_schema)
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(kind).iter_errors(doc)]
+    assert not errors, f"{path} is not a valid {kind}:\n" + "\n".join(errors)
     return doc
+
+
+def _worker_limits(doc: dict) -> dict:
+    return doc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+@pytest.mark.parametrize("kind, edit, where", [
+    pytest.param("RayCluster", lambda d: d["spec"]["workerGroupSpecs"][0].update(minReplica=0),
+                 "spec.workerGroupSpecs.0", id="misspelt-field"),
+    pytest.param("RayCluster", lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+                 "spec.headGroupSpec.rayStartParams.num-cpus", id="rayStartParams-not-a-string"),
+    pytest.param("RayCluster", lambda d: _worker_limits(d).update(memory="32 GiB"),
+                 "spec.workerGroupSpecs.0.template.spec.containers.0.resources.limits.memory", id="not-a-quantity"),
+    pytest.param("RayJob", lambda d: d["spec"].update(shutdownAfterJobFinishes="true"),
+                 "spec.shutdownAfterJobFinishes", id="string-for-boolean"),
+    pytest.param("RayJob", lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].pop("template"),
+                 "spec.rayClusterSpec.headGroupSpec", id="required-field-missing"),
+])
+def test_the_crd_schema_rejects_broken_manifests(kind, edit, where):
+    """The check above can fail: each edit breaks one rule of the real schema, reported at its path."""
+    doc = load(f"kuberay/{kind.lower()}.yaml")
+    edit(doc)
+    paths = {".".join(map(str, e.absolute_path)) for e in crd_validator(kind).iter_errors(doc)}
+    assert paths == {where}, paths
 
 
 def check_ray_cluster_spec(spec: dict) -> None:
@@ -294,7 +248,7 @@ def check_ray_cluster_spec(spec: dict) -> None:
 
 
 def test_kuberay_raycluster():
-    doc = manifest("RayCluster", RAYCLUSTER_SPEC, "kuberay/raycluster.yaml")
+    doc = manifest("RayCluster", "kuberay/raycluster.yaml")
     check_ray_cluster_spec(doc["spec"])
     assert doc["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
 
@@ -304,7 +258,7 @@ def test_kuberay_rayjob():
 
     from orchestrator.config import load_config
 
-    doc = manifest("RayJob", RAYJOB_SPEC, "kuberay/rayjob.yaml")
+    doc = manifest("RayJob", "kuberay/rayjob.yaml")
     spec = doc["spec"]
     check_ray_cluster_spec(spec["rayClusterSpec"])
     assert spec["shutdownAfterJobFinishes"] is True

@@ -1,6 +1,7 @@
 """Config validation and the CLI's handling of user mistakes (exit 2, one line naming the key)."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -49,8 +50,9 @@ def test_all_errors_are_reported_at_once():
 
 def test_overrides_are_typed_yaml_values(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("outer:\n  lr: 0.5\n")
-    cfg = load_config(path, ["outer.lr=0.01", "task.support_x_range=[0, 5]", "workers.address=null"])
+    path.write_text("outer:\n  lr: 1e-3\n")  # YAML 1.1 reads 1e-3 as a string; metaray reads a number
+    assert load_config(path).outer.lr == 0.001
+    cfg = load_config(path, ["outer.lr=1e-2", "task.support_x_range=[0, 5]", "workers.address=null"])
     assert cfg.outer.lr == 0.01 and cfg.task.support_x_range == (0.0, 5.0) and cfg.workers.address is None
     with pytest.raises(ConfigError, match="expected key.sub=value"):
         load_config(path, ["outer.lr"])
@@ -89,7 +91,19 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
 def test_missing_and_unparsable_config_files(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "no such config file" in capsys.readouterr().err
+    assert main(["train", str(tmp_path)]) == 2  # a folder given for the config
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a folder, not a config file" in err
     bad = tmp_path / "broken.yaml"
     bad.write_text("outer: [1, 2\n")
     assert main(["train", str(bad)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.run.name == path.stem  # a run folder named after its config

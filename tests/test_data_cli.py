@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
@@ -59,3 +60,48 @@ def test_the_parser_rejects_unknown_sources(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", "convert", "cifar", str(tmp_path), str(tmp_path / "c.arrow")])
     assert e.value.code == 2 and "invalid choice: 'cifar'" in capsys.readouterr().err
+
+
+def test_cifar_and_tiered_sources_and_their_bad_input(tmp_path, capsys):
+    from pickle_layouts import Exploit, cifar100, tar_gz, tiered
+
+    cifar100(tmp_path / "cifar-100-python")
+    archive = tar_gz(tmp_path / "cifar-100-python", tmp_path / "cifar-100-python.tar.gz")
+    assert main(["data", "convert", "cifar-fs", str(archive), str(tmp_path / "fs.arrow")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    store = ImageStore.open(tmp_path / "fs.arrow")
+    assert store.image_shape == (3, 32, 32) and sorted(set(store.groups)) == ["test", "train", "val"]
+    assert main(["data", "convert", "fc100", str(tmp_path / "cifar-100-python"), str(tmp_path / "fc.arrow"),
+                 "--size", "16"]) == 0
+    assert ImageStore.open(tmp_path / "fc.arrow").image_shape == (3, 16, 16)
+    tiered(tmp_path / "tiered-imagenet", {"train": {"n1": "a"}, "val": {"n2": "b"}, "test": {"n3": "c"}}, size=84)
+    tiered_src = str(tmp_path / "tiered-imagenet")
+    assert main(["data", "convert", "tieredimagenet", tiered_src, str(tmp_path / "t.arrow")]) == 0
+    assert ImageStore.open(tmp_path / "t.arrow").image_shape == (3, 84, 84)
+    capsys.readouterr()
+
+    assert main(["data", "convert", "fc100", str(archive), str(archive), str(tmp_path / "x.arrow")]) == 2
+    assert "fc100 converts one source, got 2" in capsys.readouterr().err
+    (tmp_path / "cifar-100-python" / "meta").write_bytes(pickle.dumps(Exploit(tmp_path / "pwned"), protocol=2))
+    assert main(["data", "convert", "cifar-fs", str(tmp_path / "cifar-100-python"), str(tmp_path / "x.arrow")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "meta is not a CIFAR-100 pickle: it names" in err
+    assert not (tmp_path / "pwned").exists() and leftovers(tmp_path / "x.arrow") == []
+
+
+def test_verify_passes_a_sound_store_and_fails_a_tampered_one_in_one_line(tmp_path, capsys):
+    folder = imagefolder(tmp_path / "f", {"a": 3, "b": 2}, mode="L")
+    assert main(["data", "convert", "imagefolder", str(folder), str(tmp_path / "f.arrow"), "--size", "8",
+                 "--channels", "1"]) == 0
+    store = ImageStore.open(tmp_path / "f.arrow")
+    data = bytearray((tmp_path / "f.arrow").read_bytes())
+    data[store.images(1).ctypes.data - store._whole.address + 3] ^= 0x01  # one bit of class 'b'
+    (tmp_path / "bad.arrow").write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["data", "verify", str(tmp_path / "f.arrow")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"ok: {tmp_path / 'f.arrow'}: 2 classes, 5 images") and "format version 2" in out
+    assert main(["data", "verify", str(tmp_path / "bad.arrow")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "bad.arrow is corrupt: the pixels of class 'b' do not match the checksum written with them" in err

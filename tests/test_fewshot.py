@@ -110,18 +110,27 @@ def test_rotations_are_four_distinct_classes_per_class(store):
 
 
 def test_impossible_episodes_are_refused_at_construction(store):
-    with pytest.raises(DataError, match=r"n_way=4 is more than the 3 classes this split has"):
+    with pytest.raises(DataError, match=r"^n_way: 4 is more than the 3 classes of this split"):
         FewShotTasks(store, n_way=4, k_shot=1, query=1, classes=[0, 1, 2])
     FewShotTasks(store, n_way=4, k_shot=1, query=1, classes=[0], rotations=True)
-    with pytest.raises(DataError, match=r"n_way=5 is more than the 4 classes with rotations"):
+    with pytest.raises(DataError, match=r"n_way: 5 is more than the 4 classes \(with rotations, 4 per class\)"):
         FewShotTasks(store, n_way=5, k_shot=1, query=1, classes=[0], rotations=True)
-    with pytest.raises(DataError, match=r"k_shot \+ query = 5 images per class, but class 'c11' has only 4"):
+    with pytest.raises(DataError, match=r"k_shot \+ query: 2 \+ 3 = 5 images per class, but class 'c11' of this "
+                                        r"split has only 4"):
         FewShotTasks(store, n_way=2, k_shot=2, query=3, classes=[0, 11])
+    # Every problem at once, in one line, under the caller's names for the keys.
+    keys = {"n_way": "task.train.n_way", "k_shot": "task.train.k_shot", "query": "task.query"}
+    with pytest.raises(DataError) as e:
+        FewShotTasks(store, n_way=13, k_shot=4, query=3, classes=range(12), keys=keys, where="the train split")
+    assert str(e.value) == ("task.train.n_way: 13 is more than the 12 classes of the train split; lower it or give "
+                            "the split more classes; task.train.k_shot + task.query: 4 + 3 = 7 images per class, but "
+                            "class 'c11' of the train split has only 4; lower them, or leave that class out of the "
+                            "split")
     with pytest.raises(DataError, match=r"class indices \[12\] are out of range .*\(12 classes\)"):
         FewShotTasks(store, n_way=2, k_shot=1, query=1, classes=[0, 12])
     with pytest.raises(DataError, match="listed twice"):
         FewShotTasks(store, n_way=2, k_shot=1, query=1, classes=[0, 0, 1])
-    with pytest.raises(DataError, match="k_shot must be >= 1, got 0"):
+    with pytest.raises(DataError, match="k_shot: must be >= 1, got 0"):
         FewShotTasks(store, n_way=2, k_shot=0, query=1, classes=[0, 1])
 
 
@@ -157,3 +166,63 @@ def test_split_mistakes_are_named(store):
         split_classes(store, by="group", train="g0", val=0.25, test=0.25)
     with pytest.raises(DataError, match="by must be 'group' or 'class'"):
         split_classes(store, by="alphabet", train=0.5, val=0.25, test=0.25)
+
+
+def test_sampling_bytes_are_those_of_the_first_release(store):
+    # Hashes of episodes drawn by the sampler before streams, groups and augmentation existed (commit 1b0fd8c):
+    # a config without the new options must keep drawing exactly the same episodes.
+    import hashlib
+
+    expected = {(False, 0): "8af4bbe414586e28", (False, 1): "71f13f0f5b90bb7b",
+                (True, 0): "e32a830d5839ff49", (True, 1): "4d1aaf6eebe897ca"}
+    for (rotations, purpose), digest in expected.items():
+        b = FewShotTasks(store, 5, 1, 3, classes=range(11), rotations=rotations).sample(
+            EpisodeIds(seed=5, step=3, indices=(0, 1, 7), purpose=Purpose(purpose)))
+        data = b.support_x.numpy().tobytes() + b.query_x.numpy().tobytes() + b.support_y.numpy().tobytes()
+        assert hashlib.sha256(data).hexdigest()[:16] == digest
+
+
+def test_within_group_episodes_draw_every_class_from_one_group(store):
+    # Groups of the fixture: g0..g3 of 3 classes; leave one class of g1 out, so g1 cannot host a 3-way episode.
+    classes = [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+    tasks = FewShotTasks(store, n_way=3, k_shot=1, query=2, classes=classes, within_group=True)
+    ids = EpisodeIds(seed=0, step=1, indices=tuple(range(60)))
+    known = identify(store)
+    b = tasks.sample(ids)
+    used = set()
+    for t, index in enumerate(ids.indices):
+        chosen = tasks.episode_classes(ids, index)
+        groups = {store.groups[c] for c, _ in chosen}
+        assert len(groups) == 1 and len(set(chosen)) == 3
+        used |= groups
+        for x, y in zip(b.support_x[t], b.support_y[t]):
+            assert decode(x, known)[0] == chosen[int(y)][0]
+    assert used == {"g0", "g2", "g3"}  # every group that can host one, and never g1
+    again = FewShotTasks(store, 3, 1, 2, classes=classes, within_group=True).sample(ids)
+    assert torch.equal(again.support_x, b.support_x)  # still a function of the episode id
+    across = FewShotTasks(store, 3, 1, 2, classes=classes).sample(ids)
+    mixed = [len({store.groups[c] for c, _ in FewShotTasks(store, 3, 1, 2, classes=classes).episode_classes(ids, i)})
+             for i in ids.indices]
+    assert max(mixed) > 1 and not torch.equal(across.support_x, b.support_x)
+
+
+def test_within_group_with_rotations_and_groups_too_small(store):
+    # With rotations a 3-class group holds 12 classes: an 8-way episode fits, all from one alphabet.
+    tasks = FewShotTasks(store, n_way=8, k_shot=1, query=1, classes=range(11), rotations=True, within_group=True)
+    ids = EpisodeIds(seed=2, step=0, indices=tuple(range(10)))
+    for i in ids.indices:
+        chosen = tasks.episode_classes(ids, i)
+        assert len({store.groups[c] for c, _ in chosen}) == 1 and len(set(chosen)) == 8
+    keys = {"n_way": "task.n_way", "within_group": "task.train.within_group"}
+    with pytest.raises(DataError, match=r"^task\.n_way: 4 classes from one group, but the largest group of the test "
+                                        r"split \('g0'\) has 3 classes; lower it or set task\.train\.within_group: "
+                                        r"false$"):
+        FewShotTasks(store, 4, 1, 1, classes=range(11), within_group=True, keys=keys, where="the test split")
+
+
+def test_within_group_needs_groups(tmp_path):
+    with StoreWriter(tmp_path / "flat.arrow", SHAPE, source="test", preprocessing="none") as w:
+        for c in range(4):
+            w.add_class(f"c{c}", "", np.zeros((3, *SHAPE), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"within_group: .*flat\.arrow has no groups to draw episodes within"):
+        FewShotTasks(tmp_path / "flat.arrow", 2, 1, 1, classes=range(4), within_group=True)

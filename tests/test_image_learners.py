@@ -11,6 +11,8 @@ from learners.objective import CrossEntropy
 from learners.protonet import ProtoNet, prototype_head
 from tasks.episode import EpisodeBatch
 
+from conftest import assert_directional_derivative
+
 
 def conv4(n_way=5, size=16, width=8, channels=1):
     with torch.device("meta"):
@@ -57,18 +59,13 @@ def test_protonet_gradient_matches_finite_differences():
     params = {k: v.double() for k, v in alg.init_params(0).items()}
     b = separable_batch(2).to("cpu", torch.float64)
     grads = alg.meta_gradient(params, b).grads
-    direction = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(3), dtype=v.dtype) for k, v in params.items()}
 
     def loss(p):
         with torch.no_grad():
             return sum(float(CrossEntropy().loss(alg.predict(alg.start(p, b.support_x[i], b.support_y[i]), b.query_x[i]),
                                                  b.query_y[i])) for i in range(len(b)))
 
-    eps = 1e-6
-    fd = (loss({k: params[k] + eps * direction[k] for k in params})
-          - loss({k: params[k] - eps * direction[k] for k in params})) / (2 * eps)
-    analytic = sum(float((grads[k] * direction[k]).sum()) for k in params)
-    assert math.isclose(analytic, fd, rel_tol=1e-6)
+    assert_directional_derivative(loss, params, grads, seed=3, rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("make", [

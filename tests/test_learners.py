@@ -15,6 +15,8 @@ from learners.reptile import Reptile
 from tasks.episode import EpisodeIds
 from tasks.sine import SineTasks
 
+from conftest import assert_directional_derivative
+
 
 def tiny_mlp() -> MLP:
     with torch.device("meta"):
@@ -141,11 +143,7 @@ def test_hypernetwork_gradient_matches_finite_differences():
             return sum(float(MSE().loss(alg.predict(alg.adapt(p, batch.support_x[i], batch.support_y[i]), batch.query_x[i]),
                                         batch.query_y[i])) for i in range(len(batch)))
 
-    direction = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(2), dtype=v.dtype) for k, v in params.items()}
-    eps = 1e-6
-    fd = (loss({k: params[k] + eps * direction[k] for k in params}) - loss({k: params[k] - eps * direction[k] for k in params})) / (2 * eps)
-    analytic = sum(float((grads[k] * direction[k]).sum()) for k in params)
-    assert math.isclose(analytic, fd, rel_tol=1e-6)
+    assert_directional_derivative(loss, params, grads, seed=2, rel_tol=1e-6)
 
 
 ALGORITHMS = {

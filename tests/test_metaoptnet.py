@@ -11,6 +11,7 @@ from learners.inner_loop import adaptation_curves
 from learners.metaoptnet import MetaOptNet
 from learners.objective import CrossEntropy
 
+from conftest import assert_directional_derivative, flat, tiny_config
 from test_image_learners import separable_batch
 
 
@@ -31,7 +32,6 @@ def test_fast_solver_equals_cvxpylayers_through_the_meta_gradient(shots):
     fast = tiny(solver="fast").meta_gradient(params, batch)
     ref = tiny(solver="cvxpylayers").meta_gradient(params, batch)
     assert fast.tasks == ref.tasks == 3
-    flat = lambda g: torch.cat([v.reshape(-1) for v in g.values()])  # noqa: E731
     assert rel(flat(fast.grads), flat(ref.grads)) < 1e-4
     scale = float(flat(ref.grads).norm())
     for k in params:  # entry-wise, up to 1e-4 of the whole gradient (conv biases before batch norm are ~0)
@@ -46,18 +46,12 @@ def test_meta_gradient_matches_finite_differences_in_float64(head):
               for k, v in alg.init_params(0).items()}
     batch = separable_batch(2, seed=3).to("cpu", torch.float64)
     grads = alg.meta_gradient(params, batch).grads
-    direction = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(11), dtype=v.dtype)
-                 for k, v in params.items()}
 
     def loss(p):
         with torch.no_grad():
             return _total_loss(alg, p, batch)
 
-    eps = 1e-6
-    fd = (loss({k: params[k] + eps * direction[k] for k in params})
-          - loss({k: params[k] - eps * direction[k] for k in params})) / (2 * eps)
-    analytic = sum(float((grads[k] * direction[k]).sum()) for k in params)
-    assert math.isclose(analytic, fd, rel_tol=1e-5), (analytic, fd)
+    assert_directional_derivative(loss, params, grads, seed=11, rel_tol=1e-5)
 
 
 def _total_loss(alg, params, batch):
@@ -83,7 +77,6 @@ def test_loop_and_vmap_embeddings_agree_and_evaluation_uses_the_solved_head():
     a, b = tiny(strategy="loop"), tiny(strategy="vmap")
     params = a.init_params(0)
     ga, gb = a.meta_gradient(params, batch), b.meta_gradient(params, batch)
-    flat = lambda g: torch.cat([v.reshape(-1) for v in g.values()])  # noqa: E731
     assert rel(flat(ga.grads), flat(gb.grads)) < 1e-4
     curve = adaptation_curves(a, params, batch, 1, 0.1)
     assert math.isclose(float(curve["acc"][:, 0].sum()), ga.stats["acc_after"], rel_tol=1e-6)
@@ -93,7 +86,6 @@ def test_loop_and_vmap_embeddings_agree_and_evaluation_uses_the_solved_head():
 def test_ray_equals_in_process_on_a_real_store(tmp_path, ray_local, name):
     from image_layouts import omniglot_folder
 
-    from conftest import tiny_config
     from orchestrator.build import build_algorithm
     from orchestrator.group import LocalGroup, WorkerGroup
     from orchestrator.learner import CentralLearner
@@ -118,5 +110,5 @@ def test_ray_equals_in_process_on_a_real_store(tmp_path, ray_local, name):
                 learner.meta_step()
         finally:
             group.close()
-        thetas.append(torch.cat([v.reshape(-1) for v in learner.params.values()]))
+        thetas.append(flat(learner.params))
     assert rel(thetas[1], thetas[0]) <= 1e-6

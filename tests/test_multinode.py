@@ -91,8 +91,9 @@ def test_losing_a_worker_node_mid_step_changes_nothing(cluster, tmp_path, drill)
 
 def test_a_node_joining_mid_run_adds_a_worker_at_a_step_boundary(cluster, tmp_path):
     c, _ = cluster
-    cfg = tiny_config(tmp_path, workers={"mode": "ray", "num_workers": 2, "max_workers": 3, "shares": 3,
-                                         "address": c.address})
+    # No workers.shares: the share count follows max_workers, so the worker that joins has shares to take.
+    cfg = tiny_config(tmp_path, workers={"mode": "ray", "num_workers": 2, "max_workers": 3, "address": c.address})
+    assert cfg.workers.share_count == 3
     group = WorkerGroup(cfg)
     sizes = []
     try:

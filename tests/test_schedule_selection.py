@@ -32,6 +32,9 @@ def torch_rates(scheduler_cls, steps, **kw):
     ({"kind": "constant"}, lambda n: [0.1] * n),
     ({"kind": "step", "milestones": [3, 7], "gamma": 0.2},
      lambda n: torch_rates(torch.optim.lr_scheduler.MultiStepLR, n, milestones=[3, 7], gamma=0.2)),
+    ({"kind": "step", "milestones": [2, 5, 9], "factors": [0.06, 0.012, 0.0024]},  # MetaOptNet's, by epoch
+     lambda n: torch_rates(torch.optim.lr_scheduler.LambdaLR, n,
+                           lr_lambda=lambda s: 1.0 if s < 2 else 0.06 if s < 5 else 0.012 if s < 9 else 0.0024)),
     ({"kind": "exponential", "every": 4, "gamma": 0.5},
      lambda n: torch_rates(torch.optim.lr_scheduler.StepLR, n, step_size=4, gamma=0.5)),
     ({"kind": "cosine", "min_lr": 0.01},
@@ -50,6 +53,8 @@ def test_bad_schedules_are_named():
         parse_config({"outer": {"schedule": {"kind": "linear"}}})
     with pytest.raises(ConfigError, match="milestones must increase"):
         parse_config({"outer": {"schedule": {"kind": "step", "milestones": [5, 2]}}})
+    with pytest.raises(ConfigError, match="factors needs one value per milestone"):
+        parse_config({"outer": {"schedule": {"kind": "step", "milestones": [5], "factors": [0.1, 0.01]}}})
 
 
 def test_the_learner_steps_with_the_scheduled_rate_and_logs_it(tmp_path):

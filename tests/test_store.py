@@ -136,7 +136,7 @@ def test_foreign_arrow_files_and_other_versions_are_refused(tmp_path):
     md[b"metaray.format_version"] = str(FORMAT_VERSION + 1).encode()
     with pa.ipc.new_file(str(tmp_path / "future.arrow"), schema.with_metadata(md)):
         pass
-    with pytest.raises(DataError, match=rf"format version {FORMAT_VERSION + 1}, this metaray reads version "
+    with pytest.raises(DataError, match=rf"format version {FORMAT_VERSION + 1}, this metaray reads versions 1 and "
                                         rf"{FORMAT_VERSION}; convert the dataset again"):
         ImageStore.open(tmp_path / "future.arrow")
 
@@ -153,13 +153,80 @@ def test_an_index_that_disagrees_with_the_rows_is_corrupt(tmp_path):
         ImageStore.open(tmp_path / "bad.arrow")
 
 
-def test_verify_detects_changed_pixels(tmp_path):
-    store = ImageStore.open(write_store(tmp_path / "s.arrow", random_classes()))
+def tampered_copy(store: ImageStore, class_index: int, dest) -> ImageStore:
+    """A byte-for-byte copy of ``store`` with one pixel byte of class ``class_index`` flipped; metadata intact."""
     data = bytearray(store.path.read_bytes())
-    offset = data.find(store.images(1).tobytes())
-    assert offset > 0
-    data[offset] ^= 0xFF
-    (tmp_path / "flipped.arrow").write_bytes(bytes(data))
-    flipped = ImageStore.open(tmp_path / "flipped.arrow")  # cheap open: structure only
-    with pytest.raises(DataError, match=r"flipped\.arrow is corrupt: its pixels or labels do not match"):
-        flipped.verify()
+    offset = store.images(class_index).ctypes.data - store._whole.address  # where the class's pixels lie in the file
+    data[offset + 1] ^= 0xFF
+    dest.write_bytes(bytes(data))
+    return ImageStore.open(dest)  # a cheap open reads structure only: it succeeds
+
+
+def test_altered_pixels_are_caught_at_the_first_read_of_their_class_and_by_verify(tmp_path):
+    store = ImageStore.open(write_store(tmp_path / "s.arrow", random_classes()))
+    flipped = tampered_copy(store, 1, tmp_path / "flipped.arrow")
+    assert flipped.count(1) == 5  # counting reads the index, not the pixels
+    np.testing.assert_array_equal(flipped.images(0), store.images(0))  # intact classes read as before
+    with pytest.raises(DataError, match=r"flipped\.arrow is corrupt: the pixels of class 'class1' do not match the "
+                                        r"checksum written with them; convert the dataset again \(`metaray data "
+                                        r"verify .*flipped\.arrow` checks the whole store\)"):
+        flipped.images(1)
+    with pytest.raises(DataError, match=r"flipped\.arrow is corrupt: the pixels of class 'class1' do not match"):
+        flipped.images(1)  # still refused: a bad class is never marked as checked
+    with pytest.raises(DataError, match=r"flipped\.arrow is corrupt: the pixels of class 'class1'"):
+        ImageStore.open(tmp_path / "flipped.arrow", verify=True)
+    # Pickled to a worker, the store re-opens and checks there too.
+    with pytest.raises(DataError, match="class 'class1'"):
+        pickle.loads(pickle.dumps(flipped)).images(1)
+    ImageStore.open(store.path, verify=True)  # the original is sound
+
+
+def test_a_class_is_checked_once_per_process(tmp_path, monkeypatch):
+    import tasks.store as store_module
+
+    store = ImageStore.open(write_store(tmp_path / "s.arrow", random_classes()))
+    calls = []
+    real = store_module.class_checksum
+    monkeypatch.setattr(store_module, "class_checksum", lambda pixels: calls.append(len(pixels)) or real(pixels))
+    for _ in range(3):
+        store.images(1), store.images(2)
+    assert calls == [5, 2]
+
+
+def as_version_1(src: ImageStore, dest) -> None:
+    """Rewrite ``src`` exactly as the version-1 writer did: the same rows and metadata, without class checksums."""
+    reader = pa.ipc.open_file(pa.memory_map(str(src.path)))
+    meta = json.loads(reader.schema.metadata[b"metaray.store"])
+    for c in meta["classes"]:
+        del c["crc32"]
+    schema = store_schema(src.image_shape, meta)
+    md = dict(schema.metadata)
+    md[b"metaray.format_version"] = b"1"
+    with pa.ipc.new_file(str(dest), schema.with_metadata(md)) as w:
+        for i in range(reader.num_record_batches):
+            w.write_batch(reader.get_batch(i))
+
+
+def test_version_1_stores_still_open_and_are_verified_whole_at_first_read(tmp_path):
+    store = ImageStore.open(write_store(tmp_path / "s.arrow", random_classes()))
+    as_version_1(store, tmp_path / "v1.arrow")
+    old = ImageStore.open(tmp_path / "v1.arrow")
+    assert old.format_version == 1 and old.content_hash == store.content_hash
+    np.testing.assert_array_equal(old.images(2), store.images(2))
+    as_version_1(tampered_copy(store, 1, tmp_path / "flipped.arrow"), tmp_path / "v1-flipped.arrow")
+    bad = ImageStore.open(tmp_path / "v1-flipped.arrow")
+    with pytest.raises(DataError, match=r"v1-flipped\.arrow is corrupt: its pixels or labels do not match its "
+                                        r"content hash"):
+        bad.images(0)  # class 0 is intact, but a version-1 store can only be checked whole
+
+
+def test_a_version_2_index_without_checksums_is_corrupt(tmp_path):
+    src = ImageStore.open(write_store(tmp_path / "s.arrow", random_classes()))
+    reader = pa.ipc.open_file(pa.memory_map(str(src.path)))
+    meta = json.loads(reader.schema.metadata[b"metaray.store"])
+    meta["classes"][2]["crc32"] = "x"
+    with pa.ipc.new_file(str(tmp_path / "bad.arrow"), store_schema(SHAPE, meta)) as w:
+        for i in range(reader.num_record_batches):
+            w.write_batch(reader.get_batch(i))
+    with pytest.raises(DataError, match=r"bad\.arrow is corrupt \(unreadable store metadata: KeyError 'crc32'\)"):
+        ImageStore.open(tmp_path / "bad.arrow")

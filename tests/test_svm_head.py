@@ -9,7 +9,7 @@ from torch.func import functional_call, grad, vmap
 
 from learners.mlp import MLP
 from learners.params import init_params
-from learners.qp import active_set_steps, kkt_residuals, solve_qp
+from learners.qp import kkt_residuals, solve_qp
 from learners.svm_cvxpy import svm_dual_cvxpy_gram, svm_logits_cvxpy
 from learners.svm_head import one_hot, support_gram, svm_dual, svm_logits
 
@@ -91,11 +91,8 @@ def test_both_methods_match_cvxpylayers_on_the_dual(method, n_way, k_shot, dim):
     fast = alpha_and_grad(lambda P: solve_qp(P, -Y, 0.1 * Y, torch.zeros_like(Y[..., 0]), method=method, **TIGHT).x)
     ref = alpha_and_grad(lambda P: svm_dual_cvxpy_gram(P, labels, n_way))
     assert res.ok.all() and res.polished.all()
-    if method == "active_set":  # the active-set steps finished every task: the interior point did not run
-        scale = P.diagonal(dim1=1, dim2=2).mean(1).view(-1, 1, 1)
-        *_, done, _, _ = active_set_steps(P / scale, -Y / scale, 0.1 * Y, torch.zeros_like(Y[..., 0]),
-                                            TIGHT["max_iter"], TIGHT["tol"])
-        assert done.all()
+    # active_set: its steps finished every task, the interior point did not run; interior_point: no active-set steps
+    assert res.by_active_set.tolist() == [method == "active_set"] * 2
     assert rel(fast[0], ref[0]) < 1e-4 and rel(fast[1], ref[1]) < 1e-4, (rel(fast[0], ref[0]), rel(fast[1], ref[1]))
 
 
@@ -110,9 +107,9 @@ def test_active_set_steps_alone_solve_svm_duals(n_way, k_shot, dim, steps):
     support, labels, _ = episode(16, n_way, k_shot, 1, dim, 40 + dim + n_way + k_shot)
     P = support_gram(support.relu(), 1.0)
     Y = one_hot(labels, n_way, torch.float64)
-    *_, err, done, _, iters = active_set_steps(P, -Y, 0.1 * Y, torch.zeros_like(Y[..., 0]), steps, 1e-10)
-    assert done.all() and (err <= 1e-10).all(), iters
-    assert bool((iters > 1).any()) == (dim < 1600)
+    res = solve_qp(P, -Y, 0.1 * Y, torch.zeros_like(Y[..., 0]), max_iter=steps, tol=1e-10)
+    assert res.by_active_set.all() and res.ok.all(), res.iters
+    assert bool((res.iters > 1).any()) == (dim < 1600)
 
 
 def test_tasks_the_active_set_cycles_on_are_solved_by_the_interior_point():
@@ -133,6 +130,7 @@ def test_tasks_the_active_set_cycles_on_are_solved_by_the_interior_point():
 
     (fast, fast_grads), (robust, robust_grads) = solve("active_set"), solve("interior_point")
     assert fast.ok.all() and fast.polished.all()
+    assert fast.by_active_set.tolist() == [True, False]
     assert fast.iters[0] < 30 < fast.iters[1]  # task 33 spent its 30 active-set steps, then the interior point's
     torch.testing.assert_close(fast.x, robust.x, rtol=1e-9, atol=1e-12)
     for a, b_ in zip(fast_grads, robust_grads):  # the fallback's active set reaches the backward
@@ -288,6 +286,7 @@ def test_a_broken_task_is_neither_ok_nor_polished(method):
     U, b = torch.ones(2, 3, 2, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)
     res = solve_qp(P, R, U, b, method=method)
     assert res.ok.tolist() == [True, False] and res.polished.tolist() == [True, False]
+    assert res.by_active_set.tolist() == [method == "active_set", False]
     assert res.x.isfinite().all() and (res.x[1] == 0).all()
 
 

@@ -1,7 +1,9 @@
 """MLflow tracking against a real MLflow server and SQLite stores, read back through MLflow's own client."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -9,17 +11,18 @@ import time
 import urllib.request
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelStatus
 
-from orchestrator import checkpoint
+from orchestrator import checkpoint, metric_log
 from orchestrator.cli import main
-from orchestrator.metric_writer import MetricWriter
+from orchestrator.delivery import Delivery, mlflow_delivery
+from orchestrator.metric_log import MetricLog
+from orchestrator.metric_writer import MetricProcess
 from orchestrator.run import train
-from orchestrator.sweep import sweep
+from orchestrator.tracking import EXPERIMENT_KIND, MODEL_TRAINING, register
 
 from conftest import tiny_config
 from mlflow_server import MlflowServer, free_port
@@ -30,7 +33,7 @@ PER_STEP = ("meta/loss", "inner/loss_before", "inner/loss_after", "perf/tasks_pe
 
 @pytest.fixture
 def server(tmp_path):
-    srv = MlflowServer(tmp_path).start()
+    srv = MlflowServer(tmp_path).start(timeout_s=300)  # a busy machine starts it slowly
     yield srv
     srv.stop()
 
@@ -54,11 +57,12 @@ def artifacts(client, run_id, path=""):
 
 def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
     cfgs = [tracked(tmp_path, server.url, name=n, algorithm={"name": a}, outer={"steps": 6},
-                    tracking={"plots": True, "log_model": True, "log_checkpoint": True})
-            for n, a in (("maml-run", "maml"), ("reptile-run", "reptile"))]
+                    tracking={"plots": True, "log_model": True, "log_checkpoint": True, "registered_model": reg})
+            for n, a, reg in (("maml-run", "maml", "sine-maml"), ("reptile-run", "reptile", None))]
     results = [train(c) for c in cfgs]
     client = MlflowClient(server.url)
     exp = client.get_experiment_by_name("tracking-test")
+    assert exp.tags[EXPERIMENT_KIND] == MODEL_TRAINING  # the UI opens it for model training, not GenAI
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert set(runs) == {"maml-run", "reptile-run"}
     for cfg, result in zip(cfgs, results):
@@ -75,19 +79,39 @@ def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
         assert steps_of(client, run.info.run_id, "eval/test/loss_curve") == [0, 1]
         stored = run.data.metrics["eval/test/loss_step1"]
         assert stored == pytest.approx(result.results["test"]["loss"][1].mean)
+        assert run.data.metrics["eval/test/diverged_step1"] == 0
+        assert "system/cpu_utilization_percentage" in run.data.metrics  # the System metrics tab has data
         files = artifacts(client, run.info.run_id)
-        for f in ("config.yaml", "checkpoint/checkpoint.pt", "plots/learning_curves.png",
-                  "plots/loss_vs_steps.png", "plots/sine_fits_test.png"):
+        for f in ("config.yaml", "checkpoint/checkpoint.pt", "plots/learning_curves.png", "plots/loss_vs_steps.png",
+                  "plots/eval_curves.png", "plots/sine_fits_test.png", "eval/results.csv"):
             assert f in files, (f, files)
-    # The model artifact is a real MLflow PyTorch model holding the trained θ.
-    from orchestrator.tracking import _fluent_uri
-
-    with _fluent_uri(server.url):
-        models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
-        maml_model = next(m for m in models if m.source_run_id == results[0].run_id)
+        # The CI sits next to its value: one row per metric and step count.
+        table = client.download_artifacts(run.info.run_id, "eval/results.csv", str(tmp_path))
+        rows = {(r[0], r[1], r[2]): r for r in (line.split(",") for line in open(table).read().splitlines()[1:])}
+        score = result.results["test"]["loss"][1]
+        assert float(rows["test", "loss", "1"][3]) == pytest.approx(score.mean, rel=1e-5)
+        assert float(rows["test", "loss", "1"][4]) == pytest.approx(score.ci95, rel=1e-5)
+        assert not (cfg.run_dir / "tracking").exists()  # everything delivered: nothing kept in the run folder
+    # The model is a LoggedModel named after its run, holding the trained θ, with the final evaluation
+    # (and no training step) linked; the maml run's is registered.
+    models = {m.name: m for m in client.search_logged_models([exp.experiment_id])}
+    assert set(models) == {"maml-run", "reptile-run"}
+    maml_model = models["maml-run"]
+    assert maml_model.source_run_id == results[0].run_id and maml_model.status == LoggedModelStatus.READY
+    linked = {m.key: m for m in maml_model.metrics}
+    assert linked["eval/test/loss_step1"].value == pytest.approx(results[0].results["test"]["loss"][1].mean)
+    assert {m.step for m in maml_model.metrics} == {6} and not any(k.startswith("meta/") for k in linked)
+    (version,) = client.search_model_versions("name = 'sine-maml'")
+    assert version.source == f"models:/{maml_model.model_id}" and version.run_id == results[0].run_id
+    assert register(server.url, results[1].run_id, "sine-reptile") == "1"  # after the fact, e.g. from the CLI
+    (version,) = client.search_model_versions("name = 'sine-reptile'")
+    assert version.source == f"models:/{models['reptile-run'].model_id}"
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(server.url)
+    try:
         module = mlflow.pytorch.load_model(maml_model.model_uri)
-    assert len(models) == 2
-    assert os.environ["MLFLOW_TRACKING_URI"] != server.url  # nothing leaked into the process-wide default
+    finally:
+        mlflow.set_tracking_uri(before)
     x = torch.linspace(-5, 5, 7)[:, None]
     from orchestrator.build import build_algorithm
 
@@ -128,7 +152,7 @@ def test_server_down_mid_run_loses_and_duplicates_nothing(tmp_path, server):
     for key in PER_STEP:
         assert steps_of(client, run_id, key) == list(range(steps)), key
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert not list(cfg.run_dir.glob("tracking-spill-*.jsonl"))
+    assert not (cfg.run_dir / "tracking").exists()
 
 
 def test_resume_continues_the_same_run_with_continuous_steps(tmp_path, mlflow_store):
@@ -189,7 +213,7 @@ def test_default_store_is_local_sqlite_and_ui_serves_it(tmp_path):
     ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)], cwd=tmp_path,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        body, deadline = None, time.monotonic() + 90
+        body, deadline = None, time.monotonic() + 180
         while body is None and time.monotonic() < deadline:
             try:
                 req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
@@ -200,99 +224,102 @@ def test_default_store_is_local_sqlite_and_ui_serves_it(tmp_path):
         assert body is not None, "metaray ui did not serve"
         assert "metaray-sine" in [e["name"] for e in body["experiments"]]
     finally:
-        os.killpg(ui.pid, 9)
-        ui.wait()
+        ui.send_signal(signal.SIGTERM)  # as `kill PID` does: metaray ui stops its server, then exits
+        try:
+            ui.wait(60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(ui.pid, signal.SIGKILL)  # (nothing left to kill if it worked)
+    assert ui.returncode == 0
     assert f"http://127.0.0.1:{port}" in ui.stdout.read().decode()
+    with pytest.raises(OSError):  # the MLflow server went with it
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).count(f"--port {port}")]
+    assert not left, [_cmdline(p) for p in left]
 
 
-def test_sweep_runs_are_nested_siblings_in_one_experiment(tmp_path, mlflow_store):
-    paths = []
-    for alg in ("maml", "fomaml"):
-        p = tmp_path / f"{alg}.yaml"
-        p.write_text(f"run:\n  name: s-{alg}\n  dir: {tmp_path / 'runs'}\nalgorithm:\n  name: {alg}\n"
-                     "outer:\n  steps: 3\n  meta_batch_size: 4\nworkers:\n  mode: inprocess\n"
-                     "eval:\n  tasks: 10\n  steps: [0, 1]\ntracking:\n  log_model: false\n  log_checkpoint: false\n")
-        paths.append(str(p))
-    parent_id = sweep(paths, grid=["algorithm.inner_lr=[0.01, 0.02]"], experiment="sweep-test", name="sw")
-    client = MlflowClient(mlflow_store)
-    exp = client.get_experiment_by_name("sweep-test")
-    runs = client.search_runs([exp.experiment_id])
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
-    assert sorted(r.info.run_name for r in children) == [
-        "s-fomaml_inner_lr-0.01", "s-fomaml_inner_lr-0.02", "s-maml_inner_lr-0.01", "s-maml_inner_lr-0.02"]
-    assert {r.data.params["algorithm.inner_lr"] for r in children} == {"0.01", "0.02"}
-    assert all(steps_of(client, r.info.run_id, "meta/loss") == [0, 1, 2] for r in children)
-    files = artifacts(client, parent_id)
-    assert "plots/loss_vs_steps.png" in files and "sweep_results.md" in files
+def _cmdline(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
-def test_sweep_rejects_every_bad_config_before_running(tmp_path, capsys):
-    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
-    good.write_text(f"run:\n  dir: {tmp_path / 'runs'}\n")
-    bad.write_text("outer:\n  lr: -1\n")
-    assert main(["sweep", str(good), str(bad), "--grid", "outer.steps=[1, 2]"]) == 2
-    err = capsys.readouterr().err
-    assert "outer.lr" in err and err.count("\n") == 1
-    assert not (tmp_path / "runs").exists()
+def test_metric_log_is_delivered_once_across_failures_crashes_and_processes(tmp_path):
+    """The log on disk is the only copy until delivered: a failing store loses nothing, a delivery cut off
+    before its cursor moved resends exactly the same entries (which MLflow drops as duplicates), a line cut
+    by a crash is skipped, and a second process's lines go to a new segment."""
+    folder = tmp_path / "tracking" / "run"
+    first = MetricLog(folder)
+    for step in range(40):
+        first.append(step, 1000 + step, {"a": float(step), "b": -float(step)})
+    first.sync()
+    with open(metric_log.segments(folder)[0], "ab") as f:
+        f.write(b'[40, 1040, {"a": 4')  # the process died in the middle of this line
+    second = MetricLog(folder)  # e.g. the resumed run: a segment of its own
+    second.append(40, 2040, {"a": 40.0, "b": -40.0})
+    second.close()
+    assert len(metric_log.segments(folder)) == 2 and metric_log.pending_count(folder) == 82
+    assert metric_log.last_steps(folder) == {"a": 40, "b": 40}
 
+    received, calls = [], {"n": 0}
 
-def test_writer_buffers_spills_and_recovers_without_loss(tmp_path):
-    received: list[Metric] = []
-    state = {"up": False}
-
-    def send(batch):
-        if not state["up"]:
-            raise ConnectionError("server down")
+    def send(batch):  # the store: down for the 1st and 3rd request
+        calls["n"] += 1
+        if calls["n"] in (1, 3):
+            raise ConnectionError("store down")
         received.extend(batch)
 
-    spill = tmp_path / "spill.jsonl"
-    writer = MetricWriter(send, spill, flush_every_s=0.05, max_buffered=50)
-    for step in range(40):
-        writer.add({"a": step, "b": -step}, step)
-    deadline = time.monotonic() + 10
-    while not spill.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert spill.exists() and writer.pending == 80  # 50 in memory or in flight, the oldest 30 on disk
-    state["up"] = True
-    assert writer.close(timeout_s=30) == 0
-    got = sorted((m.key, m.step, m.value) for m in received)
-    assert got == sorted([("a", s, float(s)) for s in range(40)] + [("b", s, float(-s)) for s in range(40)])
-    assert not spill.exists()
+    def delivery():  # a fresh writer process on the folder; chunks of 30 metrics, one request each
+        return Delivery(folder, send, lambda entry: None, chunk=30)
+
+    with pytest.raises(ConnectionError):
+        delivery().metrics()
+    assert not received and metric_log.pending_count(folder) == 82
+    with pytest.raises(ConnectionError):
+        delivery().metrics()  # the first chunk is delivered and the cursor moved past it, then the store fails
+    assert len(received) == 30 and metric_log.pending_count(folder) == 52
+    (folder / "cursor.json").unlink()  # a crash lost the cursor: the next writer starts over
+    assert delivery().metrics()
+    assert metric_log.pending_count(folder) == 0
+    assert [p.name for p in metric_log.segments(folder)] == ["wal-000002.jsonl"]  # delivered segments go
+    expected = {(k, sign * float(s), 1000 + s, s) for s in range(40) for k, sign in (("a", 1), ("b", -1))}
+    expected |= {("a", 40.0, 2040, 40), ("b", -40.0, 2040, 40)}
+    assert len(received) == 30 + 82 and set(received) == expected
+    assert received[30:60] == received[:30]  # resent exactly as first sent: MLflow keeps one of each
 
 
-def test_writer_keeps_what_it_cannot_send_for_the_next_process(tmp_path):
-    spill = tmp_path / "spill.jsonl"
-
-    def down(batch):
-        raise ConnectionError("down")
-
-    w = MetricWriter(down, spill, flush_every_s=0.05)
-    w.add({"a": 1.0}, 0)
-    w.add({"a": 2.0}, 1)
-    assert w.close(timeout_s=0.3) == 2
-    received = []
-    w2 = MetricWriter(received.extend, spill, flush_every_s=0.05)
-    assert w2.close(timeout_s=10) == 0
-    assert [(m.step, m.value) for m in received] == [(0, 1.0), (1, 2.0)]
-    assert np.isfinite([m.timestamp for m in received]).all()
+def test_resent_metrics_are_recorded_once_by_mlflow(tmp_path, mlflow_store):
+    """What the log relies on: MLflow drops an exact (key, value, timestamp, step) duplicate."""
+    client = MlflowClient(mlflow_store)
+    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    folder = tmp_path / "run"
+    log = MetricLog(folder)
+    for step in range(5):
+        log.append(step, 1000 + step, {"m": float(step), "n": float("nan")})
+    log.close()
+    assert mlflow_delivery(folder, client, run_id, "0").metrics()
+    (folder / "cursor.json").unlink()  # as after a crash between the send and the cursor
+    assert mlflow_delivery(folder, client, run_id, "0").metrics()
+    assert steps_of(client, run_id, "m") == list(range(5)) and steps_of(client, run_id, "n") == list(range(5))
 
 
-def test_metric_process_flush_hands_off_steps_that_reach_the_store_without_close(tmp_path):
-    """Steps are handed to the writer process in batches; ``flush`` (called at every checkpoint) makes the
-    steps so far reach the store even if the learner then dies without ``close``."""
-    from orchestrator.metric_writer import MetricProcess
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("flush")).info.run_id
-    writer = MetricProcess(uri, run_id, tmp_path / "spill.jsonl", flush_every_s=0.1, max_buffered=1000)
-    assert writer.wait_ready()
+def test_a_killed_writer_loses_nothing_and_close_counts_what_is_left(tmp_path, mlflow_store):
+    """The writer process is SIGKILLed while the store is down: close() still knows exactly how many metrics
+    are undelivered (they are on disk), and the next writer on the folder delivers each once."""
+    client = MlflowClient(mlflow_store)
+    exp = client.get_experiment_by_name("Default").experiment_id
+    run_id = client.create_run(exp).info.run_id
+    folder = tmp_path / "tracking" / run_id
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    writer = MetricProcess(down, run_id, exp, folder, flush_every_s=0.05)
     for step in range(5):
         writer.add({"m": float(step)}, step)
     writer.flush()
-    deadline = time.monotonic() + 60
-    while len(client.get_metric_history(run_id, "m")) < 5 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert [m.step for m in client.get_metric_history(run_id, "m")] == list(range(5))
-    os.kill(writer.pid, 9)  # nothing left to lose; close() must still come back and say so
-    assert writer.close(timeout_s=1) == 0
+    os.kill(writer.pid, 9)
+    assert writer.close(timeout_s=0) == 5
+    writer = MetricProcess(mlflow_store, run_id, exp, folder, flush_every_s=0.05)
+    writer.add({"m": 5.0}, 5)
+    assert writer.close(timeout_s=30) == 0
+    assert steps_of(client, run_id, "m") == list(range(6))
+    assert [m.value for m in sorted(client.get_metric_history(run_id, "m"), key=lambda m: m.step)] == list(range(6))
