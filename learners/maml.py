@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from pydantic import NonNegativeInt
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 

@@ -19,7 +19,8 @@ from learners.mlp import MLP
 from learners.objective import MSE, CrossEntropy, Objective
 from learners.registry import Parts
 from learners.resnet12 import ResNet12
-from orchestrator.config import Config, ConfigError, ImageTaskConfig, SineTaskConfig, TaskConfig
+from orchestrator.config import Config, ConfigError
+from orchestrator.task_config import ImageTaskConfig, SineTaskConfig, TaskConfig
 from tasks.episode import TaskSource
 from tasks.sine import SineTasks
 

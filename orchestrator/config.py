@@ -8,194 +8,31 @@ on one line that names each key (``ConfigError``). Example::
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     SerializeAsAny,
-    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from learners.registry import AlgorithmConfig, variant, variants
+from orchestrator.config_base import ConfigError, InvalidKey, Strict
+from orchestrator.config_errors import explain
 from orchestrator.errors import one_line
-from orchestrator.schedule import SCHEDULE_KINDS, ConstantSchedule, CosineSchedule, Schedule
+from orchestrator.schedule import ConstantSchedule, Schedule
+from orchestrator.task_config import ImageTaskConfig, SineTaskConfig, TaskConfig
 
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration; the message is one line naming every bad key."""
-
-
-class Strict(BaseModel):
-    # strict: a bool or a string where a number belongs is a mistake, not something to coerce;
-    # allow_inf_nan=False: an infinite learning rate would train a NaN model.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
-Range = Annotated[tuple[float, float], Field(strict=False)]  # YAML gives lists; strict would only take tuples
-
-
-class SineTaskConfig(Strict):
-    """Sine regression (MAML paper): y = A sin(x - phase)."""
-
-    family: Literal["sine"] = "sine"
-    k_shot: PositiveInt = 10
-    """Support points per task."""
-    query: PositiveInt = 10
-    """Query points per task."""
-    amplitude: Range = (0.1, 5.0)
-    phase: Range = (0.0, math.pi)
-    x_range: Range = (-5.0, 5.0)
-    support_x_range: Range | None = None
-    """Where support x is drawn (default: x_range); (0, 5) is the MAML paper's robustness probe."""
-
-    @model_validator(mode="after")
-    def _fits(self) -> "SineTaskConfig":
-        for name in ("amplitude", "phase", "x_range", "support_x_range"):
-            lo_hi = getattr(self, name)
-            if lo_hi is not None and not lo_hi[0] <= lo_hi[1]:
-                raise _KeyError(name, f"must be [low, high] with low <= high, got {list(lo_hi)}")
-        return self
-
-
-Names = Union[list[str], float]
-
-
-class SplitConfig(Strict):
-    """Which classes each split may use. Splits are by class, never by image; Omniglot's are by alphabet."""
-
-    by: Literal["group", "class"] = "group"
-    """group: split whole groups (Omniglot alphabets, miniImageNet's csv splits); class: split classes."""
-    train: Names = 0.7
-    """Names of groups/classes, or the fraction of them (drawn with ``seed``)."""
-    val: Names = 0.0
-    test: Names = 0.3
-    seed: NonNegativeInt = 0
-
-    @field_validator("train", "val", "test", mode="before")
-    @classmethod
-    def _names_or_fraction(cls, v: Any) -> Any:
-        ok_list = isinstance(v, list) and all(isinstance(x, str) for x in v)
-        ok_fraction = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
-        if not (ok_list or ok_fraction):
-            raise ValueError(f"expected a list of group/class names or a fraction between 0 and 1, got {v!r}")
-        return v
-
-
-class TrainEpisodes(Strict):
-    """Training episodes where they differ from evaluation's; evaluation uses the task's own shape.
-
-    ProtoNet trains Omniglot 60-way for 20-way tests, MetaOptNet 15-shot for 1-shot tests. An algorithm whose
-    head is in θ (MAML and kin) must train with the evaluation n_way (checked at run start); one that writes its
-    head from each support set (ProtoNet, MetaOptNet) need not. Unset keys follow the task's.
-    """
-
-    n_way: PositiveInt | None = None
-    k_shot: PositiveInt | None = None
-    query: PositiveInt | None = None
-    within_group: bool | None = None
-
-
-class JitterConfig(Strict):
-    """Colour jitter (torchvision's ColorJitter): each factor is drawn in [max(0, 1 - v), 1 + v]."""
-
-    brightness: NonNegativeFloat = 0.0
-    contrast: NonNegativeFloat = 0.0
-    saturation: NonNegativeFloat = 0.0
-    """No effect on greyscale images."""
-
-
-class AffineConfig(Strict):
-    """Random affine map about the image centre (Omniglot: Koch et al.'s small distortions)."""
-
-    degrees: float = Field(0.0, ge=0.0, le=180.0)
-    """Rotation drawn in [-degrees, degrees]."""
-    shear: float = Field(0.0, ge=0.0, le=45.0)
-    """Horizontal shear angle drawn in [-shear, shear] degrees."""
-    scale: Range = (1.0, 1.0)
-    """Zoom drawn in [low, high]."""
-    translate: float = Field(0.0, ge=0.0, le=0.5)
-    """Shift drawn in [-translate, translate] of the width (and height)."""
-
-    @model_validator(mode="after")
-    def _scale(self) -> "AffineConfig":
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise _KeyError("scale", f"must be [low, high] with 0 < low <= high, got {list(self.scale)}")
-        return self
-
-
-class AugmentConfig(Strict):
-    """Seed-addressed augmentation of training episodes (a function of the episode id, applied on the workers)."""
-
-    crop_padding: NonNegativeInt = 0
-    """Random crop of the image's size after zero padding by this many pixels (MetaOptNet: 8 at 84x84); 0: off."""
-    flip: bool = False
-    """Horizontal flip with probability 1/2."""
-    jitter: JitterConfig | None = None
-    affine: AffineConfig | None = None
-    support: bool = True
-    """Augment the support images."""
-    query: bool = True
-    """Augment the query images."""
-    at_eval: bool = False
-    """Also augment evaluation (and validation) episodes; training only by default."""
-
-    @model_validator(mode="after")
-    def _augments_something(self) -> "AugmentConfig":
-        if not (self.support or self.query):
-            raise _KeyError(None, "support and query are both false: nothing would be augmented; remove the section")
-        if not (self.crop_padding or self.flip or self.jitter or self.affine):
-            raise _KeyError(None, "no augmentation is set (crop_padding, flip, jitter, affine); remove the section")
-        return self
-
-
-class ImageTaskConfig(Strict):
-    """N-way K-shot few-shot classification from an image store (``metaray data convert``)."""
-
-    family: Literal["images"] = "images"
-    store: str
-    """Path of the Arrow image store."""
-    n_way: PositiveInt = 5
-    k_shot: PositiveInt = 1
-    query: PositiveInt = 15
-    """Query images per class."""
-    rotations: bool = False
-    """Omniglot augmentation: each class rotated by 0/90/180/270 degrees gives 4 classes."""
-    within_group: bool = False
-    """Draw all n_way classes of an episode from one group (an Omniglot alphabet: Lake et al.'s within-alphabet
-    protocol), chosen among the groups with enough classes."""
-    train: TrainEpisodes = TrainEpisodes()
-    """Training episodes' n_way, k_shot, query, within_group where they differ from evaluation's."""
-    augment: AugmentConfig | None = None
-    split: SplitConfig = SplitConfig()
-    eval_split: Literal["val", "test"] = "test"
-    """Classes used for evaluation (never seen in training)."""
-
-
-def _family(value: Any) -> Any:
-    # A task section without ``family`` is a sine task, the default family.
-    return value.get("family", "sine") if isinstance(value, dict) else getattr(value, "family", None)
-
-
-_TASK_CONFIGS = (SineTaskConfig, ImageTaskConfig)
-TASK_FAMILIES = tuple(m.model_fields["family"].default for m in _TASK_CONFIGS)
-TaskConfig = Annotated[
-    Union[tuple(Annotated[m, Tag(m.model_fields["family"].default)] for m in _TASK_CONFIGS)],  # noqa: UP007
-    Discriminator(_family),
-]
+__all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides", "parse_yaml"]
 
 
 class ModelConfig(Strict):
@@ -344,11 +181,11 @@ class Config(Strict):
         if isinstance(value, dict):  # a section without ``name`` is MAML, the default algorithm
             name = value.get("name", "maml")
             if not isinstance(name, str):
-                raise _KeyError("name", f"must be an algorithm name (one of {', '.join(variants())}), got {name!r}")
+                raise InvalidKey("name", f"must be an algorithm name (one of {', '.join(variants())}), got {name!r}")
             try:
                 model = variant(name)
             except ValueError as e:
-                raise _KeyError("name", str(e)) from None
+                raise InvalidKey("name", str(e)) from None
             return model.model_validate(value)
         return value
 
@@ -374,9 +211,9 @@ class Config(Strict):
             try:
                 self.probe_task(name)
             except ValidationError as e:
-                errors.append(_format(e, prefix=("eval", "probes", name), model=type(self.task)))
+                errors.append(explain(e, prefix=("eval", "probes", name), model=type(self.task)))
         if errors:
-            raise _KeyError(None, "; ".join(errors))
+            raise InvalidKey(None, "; ".join(errors))
         return self
 
     @property
@@ -402,14 +239,6 @@ class Config(Strict):
 
         walk("", self.model_dump(mode="json"))
         return out
-
-
-class _KeyError(ValueError):
-    """Raised inside validators: pydantic reports it at the validator's location; ``key`` refines it."""
-
-    def __init__(self, key: str | None, message: str):
-        super().__init__(message)
-        self.key = key
 
 
 class _Loader(yaml.SafeLoader):
@@ -440,7 +269,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_format(e, (), Config, data)}") from None
+        raise ConfigError(f"{source}: {explain(e, (), Config, data)}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -490,68 +319,3 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _deepcopy(d: Any) -> Any:
     return {k: _deepcopy(v) for k, v in d.items()} if isinstance(d, dict) else d
 
-
-def _allowed_keys(model: type[BaseModel], loc: tuple, data: Any) -> list[str] | None:
-    """Field names of the config section at ``loc`` (skipping union tags), for 'unknown key' messages;
-    ``data`` is the input, which says which algorithm variant a section is."""
-    current: Any = model
-    for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = current.model_fields.get(part)
-        if field is None:
-            continue  # a discriminator tag such as 'sine' in ('task', 'sine', 'k_shot')
-        data = data.get(part) if isinstance(data, dict) else None
-        current = _model_in(field.annotation)
-        if current is AlgorithmConfig and isinstance(data, dict):
-            current = variants().get(data.get("name", "maml"))
-    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _format(error: ValidationError, prefix: tuple, model: type[BaseModel], data: Any = None) -> str:
-    parts: list[str] = []
-    families = set(TASK_FAMILIES)
-    for e in error.errors():
-        loc = tuple(str(p) for p in e["loc"])
-        # Drop the union tags pydantic inserts ('task', 'sine', 'k_shot'; 'schedule', 'step', ...): users never
-        # write them.
-        key_loc = tuple(p for i, p in enumerate(loc) if not (i and ((loc[i - 1] == "task" and p in families) or
-                                                                    (loc[i - 1] == "schedule" and p in SCHEDULE_KINDS))))
-        ctx_error = (e.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, _KeyError):
-            if ctx_error.key:
-                key_loc = key_loc + (ctx_error.key,)
-            message = str(ctx_error)
-        elif e["type"] == "value_error":
-            message = e["msg"].removeprefix("Value error, ")
-        elif e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc[:-1], data)
-            message = "unknown key" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
-            if loc[:-1] == ("algorithm",):
-                owners = sorted(n for n, m in variants().items() if loc[-1] in m.model_fields)
-                message += f"; it is a setting of {', '.join(owners)}" if owners else ""
-        elif e["type"] in ("union_tag_invalid", "union_tag_not_found") and loc[-1:] == ("schedule",):
-            key_loc = key_loc + ("kind",)
-            given = e["input"].get("kind") if isinstance(e["input"], dict) else None
-            message = (f"must be one of {', '.join(SCHEDULE_KINDS)}, got {given!r}" if given is not None
-                       else f"is required: one of {', '.join(SCHEDULE_KINDS)}")
-        elif e["type"] == "union_tag_invalid":
-            key_loc = key_loc + ("family",)
-            message = f"unknown task family {e['ctx']['tag']!r} (allowed: {', '.join(TASK_FAMILIES)})"
-        elif e["type"] == "literal_error":
-            message = f"{e['msg'].replace('Input should be', 'must be')}, got {e['input']!r}"
-        else:
-            message = f"{e['msg']}, got {e['input']!r}"
-        key = ".".join(prefix + key_loc)
-        parts.append(f"{key}: {message}" if key else message)
-    return "; ".join(parts)

@@ -15,7 +15,8 @@ from learners.params import ParamSpec
 from orchestrator import plots
 from orchestrator.atomic import write_atomic
 from orchestrator.build import build_tasks
-from orchestrator.config import Config, SineTaskConfig
+from orchestrator.config import Config
+from orchestrator.task_config import SineTaskConfig
 from orchestrator.evaluate import Results, curve_summaries, evaluate_all, table, to_csv, to_json
 from orchestrator.group import LocalGroup, WorkerGroup
 
