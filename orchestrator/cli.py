@@ -206,7 +206,9 @@ def _ui(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
     # Its own process group: stopping metaray ui stops the server and the workers it forks, all of them.
-    server = subprocess.Popen(cmd, start_new_session=True)
+    # MLflow's GenAI job runner (eight more processes) serves nothing a training run logs; a user may turn it on.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    server = subprocess.Popen(cmd, start_new_session=True, env=env)
 
     def stop(signum: int, frame) -> None:
         raise Interrupted(signum)
