@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
 
@@ -32,8 +33,9 @@ def metaray(*args, **kw):
                           timeout=300, **kw)
 
 
-def test_train_on_ray_prints_results_and_writes_checkpoint(tmp_path):
-    path = write_config(tmp_path, steps=20, mode="ray")
+def test_train_prints_results_and_writes_checkpoint(tmp_path):
+    # In-process: the CLI calls the same train() that tests/test_distributed.py runs on Ray.
+    path = write_config(tmp_path, steps=20)
     proc = metaray("train", str(path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "step 20/20" in proc.stdout
@@ -49,6 +51,7 @@ def test_train_on_ray_prints_results_and_writes_checkpoint(tmp_path):
            [line for line in again.stdout.splitlines() if "(n=30)" in line]
 
 
+@pytest.mark.slow  # SIGKILL + resume is in CI as tests/test_exactly_once.py's first sequence
 def test_hard_kill_then_resume_ends_at_the_same_theta(tmp_path):
     steps = 300  # long enough (seconds) that the kill lands mid-run on a fast machine too
     whole = metaray("train", str(write_config(tmp_path, steps, name="whole")))

@@ -361,6 +361,7 @@ def processes_of(state: dict[str, str]) -> dict[int, str]:
     return found
 
 
+@pytest.mark.slow  # three real nodes; the multi-node tests run the same cluster in CI
 @pytest.mark.cluster
 @pytest.mark.skipif(sys.platform != "linux", reason="needs Linux: 127.0.0.x loopback addresses, /proc, setsid")
 def test_local_cluster_runs_three_nodes_and_stops_every_process_it_started(tmp_path):

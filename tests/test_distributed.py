@@ -124,6 +124,7 @@ def test_diverging_inner_loops_never_reach_theta(tmp_path):
         assert torch.equal(flat(result.params), flat(init))
 
 
+@pytest.mark.slow  # a 6 s drill; worker exit and kill stay in CI
 def test_straggler_is_overtaken_after_the_deadline_and_changes_nothing(tmp_path, drill):
     clean = train(tiny_config(tmp_path / "clean", workers={"mode": "ray", "num_workers": 2}), evaluate=False)
     slow_cfg = tiny_config(tmp_path / "slow", workers={"mode": "ray", "num_workers": 2, "straggler_deadline_s": 0.5})
@@ -136,6 +137,7 @@ def test_straggler_is_overtaken_after_the_deadline_and_changes_nothing(tmp_path,
     assert torch.equal(flat(clean.params), flat(slow.params))
 
 
+@pytest.mark.slow  # a second Ray driver; the learner's state is covered in-process
 def test_learner_as_its_own_actor_gives_the_same_theta(tmp_path):
     driver = train(tiny_config(tmp_path / "driver", workers={"mode": "ray", "num_workers": 2}), evaluate=False)
     # The session's Ray has 2 CPUs: half a CPU each for two workers and the learner.

@@ -134,6 +134,7 @@ def test_driver_killed_leaves_no_process_and_resume_records_each_step_once(tmp_p
     assert not (tmp_path / "runs" / "killed" / "tracking").exists()
 
 
+@pytest.mark.slow  # the outage alone is in CI (test_tracking), the SIGKILL alone too
 def test_driver_killed_during_a_store_outage_then_resumed_records_each_step_once(tmp_path, server):
     config = write_config(tmp_path, server.url, "outage", flush_every_s=0.2)
     ckpt = tmp_path / "runs" / "outage" / checkpoint.FILENAME
@@ -147,6 +148,7 @@ def test_driver_killed_during_a_store_outage_then_resumed_records_each_step_once
     assert_each_step_once(server.url, "outage")
 
 
+@pytest.mark.slow  # artifacts kept through an outage (metrics through one are in CI)
 def test_artifacts_made_during_an_outage_are_delivered_when_the_store_is_back(tmp_path, server, monkeypatch):
     cfg = tiny_config(tmp_path, run={"name": "late"}, outer={"steps": 4},
                       tracking={"uri": server.url, "experiment": "exactly-once", "plots": True, "log_model": True,

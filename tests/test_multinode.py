@@ -89,6 +89,7 @@ def test_losing_a_worker_node_mid_step_changes_nothing(cluster, tmp_path, drill)
     assert float((flat(learner.params) - ref).norm() / ref.norm()) <= 1e-6
 
 
+@pytest.mark.slow  # elastic growth; node loss and placement stay in CI
 def test_a_node_joining_mid_run_adds_a_worker_at_a_step_boundary(cluster, tmp_path):
     c, _ = cluster
     # No workers.shares: the share count follows max_workers, so the worker that joins has shares to take.
@@ -114,6 +115,7 @@ def test_a_node_joining_mid_run_adds_a_worker_at_a_step_boundary(cluster, tmp_pa
     assert float((flat(learner.params) - ref).norm() / ref.norm()) <= 1e-6
 
 
+@pytest.mark.slow  # store shipping to nodes that lack the store (a third cluster start)
 def test_image_store_missing_on_the_nodes_is_shipped_once_per_node(tmp_path, monkeypatch):
     """Workers run in a Ray working_dir package without the data (as after `ray job submit --working-dir`):
     the store reaches them through the object store, one copy per node."""

@@ -41,7 +41,7 @@ def logits_and_grads(head, support, labels, query, weights):
 @pytest.mark.parametrize("n_way,k_shot,tasks,seed,solver_args", [
     (5, 1, 3, 0, None), (5, 1, 3, 1, None), (5, 5, 3, 0, None), (5, 5, 3, 1, None),
     (20, 1, 2, 0, None), (20, 1, 2, 1, None),
-    (20, 5, 1, 0, {"mode": "lsmr"}),  # dense mode takes ~1 min per task at this size: see the slow test below
+    pytest.param(20, 5, 1, 0, {"mode": "lsmr"}, marks=pytest.mark.slow),  # dense: ~1 min per task, see below
 ])
 def test_fast_path_matches_cvxpylayers(n_way, k_shot, tasks, seed, solver_args):
     support, labels, query = episode(tasks, n_way, k_shot, 4, 24, seed)

@@ -48,6 +48,9 @@ def write_config(tmp_path, name="sine", **sections):
     return path
 
 
+STEPS_ASHA = 26  # ASHA rungs at steps 1, 3 and 9 (27 is past the end)
+
+
 def mid_sweep(progress: str) -> tuple[set[str], bool]:
     """From `metaray sweep`'s progress lines: the trials that ended, and whether the third is past step 4."""
     last, ended = {}, set()
@@ -56,7 +59,7 @@ def mid_sweep(progress: str) -> tuple[set[str], bool]:
             last[m[1]] = int(m[2])
         elif m := re.match(r"  trial (\S+): (done|stopped early)", line):
             ended.add(m[1])
-    return ended, last.get("sine-fomaml_lr-0.03", 0) >= 4
+    return ended, last.get("sine-maml_lr-0.03", 0) >= 4
 
 
 def children(client, parent_id):
@@ -228,11 +231,12 @@ def test_trials_live_in_their_placement_group_match_a_solo_run_and_a_crash_is_re
 
 def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
     """4 trials (2 configs x 2 outer.lr) under ASHA, one at a time so that ASHA's decisions are known: the
-    first trial is never stopped, the second (outer.lr 1e-6) is worse at step 3 and stopped. A real
-    `metaray sweep` is SIGTERM'd during the third and resumed in-process: the stopped trial stays stopped,
-    the interrupted one continues its checkpoint in its MLflow run, the fourth runs."""
-    paths = [str(write_config(tmp_path, f"sine-{alg}", algorithm={"name": alg}, outer={"steps": 12}))
-             for alg in ("maml", "fomaml")]
+    first trial is never stopped, the second (outer.lr 1e-6) is worse at step 3 and stopped, the third (MAML
+    at 0.03, a little ahead of FOMAML at 0.03 at every rung: 1, 3, 9) is never stopped. A real `metaray sweep`
+    is SIGTERM'd during the third and resumed in-process: the stopped trial stays stopped, the interrupted one
+    continues its checkpoint in its MLflow run, the fourth runs."""
+    paths = [str(write_config(tmp_path, f"sine-{alg}", algorithm={"name": alg}, outer={"steps": STEPS_ASHA}))
+             for alg in ("fomaml", "maml")]
     args = ["sweep", *paths, "--search", "outer.lr=grid([0.03, 0.000001])", "--scheduler", "asha",
             "--max-concurrent", "1", "--name", "asha", "--experiment", "sweep-asha"]
     out = tmp_path / "first.out"
@@ -249,24 +253,24 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
     first = out.read_text()
     assert "interrupted: every trial is checkpointed" in first
     ended = mid_sweep(first)[0]
-    assert ended == {"sine-maml_lr-0.03", "sine-maml_lr-1e-06"}, first
-    assert "trial sine-maml_lr-1e-06: stopped early at step 3" in first
+    assert ended == {"sine-fomaml_lr-0.03", "sine-fomaml_lr-1e-06"}, first
+    assert "trial sine-fomaml_lr-1e-06: stopped early at step 3" in first
     client = MlflowClient(mlflow_store)
     parent_id = json.loads((tmp_path / "runs" / "asha" / "sweep.json").read_text())["parent_run_id"]
     before = {name: (r.info.run_id, r.info.end_time, r.info.status) for name, r in children(client, parent_id).items()}
-    assert before["sine-fomaml_lr-0.03"][2] == "KILLED" and client.get_run(parent_id).info.status == "KILLED"
-    assert set(before) == {"sine-maml_lr-0.03", "sine-maml_lr-1e-06", "sine-fomaml_lr-0.03"}
+    assert before["sine-maml_lr-0.03"][2] == "KILLED" and client.get_run(parent_id).info.status == "KILLED"
+    assert set(before) == {"sine-fomaml_lr-0.03", "sine-fomaml_lr-1e-06", "sine-maml_lr-0.03"}
 
     result = sweep(paths, search=["outer.lr=grid([0.03, 0.000001])"], scheduler="asha", max_concurrent=1,
                    name="asha", experiment="sweep-asha", resume=True)
     assert result.parent_run_id == parent_id and not result.failed
     status = {t.name: (t.status, t.step) for t in result.trials}
-    assert status["sine-maml_lr-0.03"] == ("completed", 12) and status["sine-fomaml_lr-0.03"][0] == "completed"
-    assert status["sine-maml_lr-1e-06"] == ("stopped early", 3)  # stopped before the interruption, stays so
+    assert status["sine-fomaml_lr-0.03"] == ("completed", STEPS_ASHA) and status["sine-maml_lr-0.03"][0] == "completed"
+    assert status["sine-fomaml_lr-1e-06"] == ("stopped early", 3)  # stopped before the interruption, stays so
     assert result.best.swept["outer.lr"] == 0.03
     runs = children(client, parent_id)
     assert len(runs) == 4 and {r.info.status for r in runs.values()} == {"FINISHED"}  # no run started twice
-    assert runs["sine-maml_lr-1e-06"].data.tags["metaray.sweep.trial"] == "stopped early at step 3"
+    assert runs["sine-fomaml_lr-1e-06"].data.tags["metaray.sweep.trial"] == "stopped early at step 3"
     # Siblings in one experiment, each with its own config as params (the meaning of the old sweep test).
     assert {(r.data.params["algorithm.name"], r.data.params["outer.lr"]) for r in runs.values()} == {
         ("maml", "0.03"), ("maml", "1e-06"), ("fomaml", "0.03"), ("fomaml", "1e-06")}
@@ -276,8 +280,8 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
         assert steps_of(client, t.run_id) == list(range(t.step)), t.name  # every step once
         if t.name in ended:  # not run again
             assert runs[t.name].info.end_time == before[t.name][1], t.name
-    log = (tmp_path / "runs" / "asha" / "sine-fomaml_lr-0.03" / "train.log").read_text()
-    assert re.search(r"resuming \S+ at step ([4-9]|1[01])", log), log  # its checkpoint, not step 0
+    log = (tmp_path / "runs" / "asha" / "sine-maml_lr-0.03" / "train.log").read_text()
+    assert re.search(r"resuming \S+ at step ([4-9]|1[0-9]|2[0-5])\b", log), log  # its checkpoint, not step 0
     assert client.get_run(parent_id).info.status == "FINISHED"
     files = [a.path for folder in ("", "plots") for a in client.list_artifacts(parent_id, folder)]
     assert {"sweep_results.md", "best_config.yaml", "plots/sweep_comparison.png"} <= set(files)
