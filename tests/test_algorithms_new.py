@@ -371,7 +371,9 @@ ALGORITHMS = {
 
 
 @pytest.mark.usefixtures("ray_local")
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+# One algorithm in CI (the path is the same for all); every one with -m slow.
+@pytest.mark.parametrize("name", [n if n == "metasgd" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(ALGORITHMS)])
 def test_ray_two_workers_equal_in_process(name, tmp_path):
     def run(cfg, group):
         try:

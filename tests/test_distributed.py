@@ -65,6 +65,7 @@ def test_worker_process_exiting_mid_step_changes_nothing(cfg_ray, tmp_path, dril
     assert checkpoint.load(faulty_cfg.run_dir).faults["count"] >= 1
 
 
+@pytest.mark.slow  # worker loss mid-step stays in CI
 def test_ray_kill_between_steps_is_detected_and_changes_nothing(cfg_ray):
     group = WorkerGroup(cfg_ray)
     try:
@@ -85,6 +86,7 @@ def test_ray_kill_between_steps_is_detected_and_changes_nothing(cfg_ray):
     assert torch.equal(flat(killed.params), flat(clean.params))
 
 
+@pytest.mark.slow  # one Ray round trip of an error
 def test_worker_errors_are_reraised_as_themselves(cfg_ray):
     group = WorkerGroup(cfg_ray)
     try:
@@ -97,6 +99,7 @@ def test_worker_errors_are_reraised_as_themselves(cfg_ray):
         group.close()
 
 
+@pytest.mark.slow  # training's Ray == in-process stays in CI
 def test_evaluation_on_ray_equals_in_process(cfg_ray, tmp_path):
     params = build_algorithm(cfg_ray).init_params(0)
     theta = flat(params).numpy()
@@ -110,6 +113,7 @@ def test_evaluation_on_ray_equals_in_process(cfg_ray, tmp_path):
     np.testing.assert_allclose(remote["loss"], local["loss"], rtol=1e-6)
 
 
+@pytest.mark.slow  # non-finite tasks: in-process tests in CI
 def test_diverging_inner_loops_never_reach_theta(tmp_path):
     # A huge inner step size makes every inner loop overflow to inf/NaN in float32.
     cfg = tiny_config(tmp_path, algorithm={"name": "maml", "inner_lr": 1e6, "inner_steps": 4},

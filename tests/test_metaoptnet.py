@@ -82,7 +82,7 @@ def test_loop_and_vmap_embeddings_agree_and_evaluation_uses_the_solved_head():
     assert math.isclose(float(curve["acc"][:, 0].sum()), ga.stats["acc_after"], rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["metaoptnet-svm", "metaoptnet-ridge"])
+@pytest.mark.parametrize("name", ["metaoptnet-svm", pytest.param("metaoptnet-ridge", marks=pytest.mark.slow)])
 def test_ray_equals_in_process_on_a_real_store(tmp_path, ray_local, name):
     from image_layouts import omniglot_folder
 

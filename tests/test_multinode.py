@@ -153,6 +153,7 @@ def test_image_store_missing_on_the_nodes_is_shipped_once_per_node(tmp_path, mon
     assert len(set(paths)) == 1  # same content hash, same node-local file name
 
 
+@pytest.mark.slow  # node placement and node loss stay in CI
 def test_per_node_reduction_gathers_one_gradient_per_node_and_changes_nothing(cluster, tmp_path):
     c, _ = cluster
     thetas, gathered = {}, {}

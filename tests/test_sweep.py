@@ -289,6 +289,7 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
     assert table.splitlines()[0].startswith("| run | config | outer.lr | status |")
 
 
+@pytest.mark.slow  # placement groups on one node stay in CI
 @pytest.mark.cluster
 def test_trials_spread_over_the_nodes_of_a_cluster(tmp_path, mlflow_store):
     """A real 2-node cluster on 127.0.0.x (head without CPUs, 1 CPU per node): two trials at once, one per node."""
