@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per setup and round")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--meta-batch", type=int, default=None)
-    ap.add_argument("--setups", default="in-process vmap,in-process loop,ray 1 worker,ray 2 workers",
+    ap.add_argument("--setups", default="in-process vmap,in-process loop,ray 2 workers",
                     help=f"comma-separated subset of: {', '.join(SETUPS)}")
     ap.add_argument("--compile", action="store_true", help="add 'in-process compiled' (first step compiles)")
     ap.add_argument("--no-reference", action="store_true", help="leave out the torch.func reference")
