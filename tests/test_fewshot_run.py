@@ -74,6 +74,7 @@ def untrained_test_loss(cfg: dict) -> float:
     return results["test"]["loss"][0].mean
 
 
+@pytest.mark.slow  # image runs on a real store: the MetaOptNet and augmentation Ray tests in CI
 def test_convert_train_and_evaluate_protonet_on_a_generated_omniglot(tmp_path):
     folder = omniglot_characters(tmp_path / "src", {"Alpha": 6, "Beta": 6, "Gamma": 6}, drawings=6)
     code, _, err = finished(metaray("data", "convert", "omniglot", str(folder), str(tmp_path / "omni.arrow"),

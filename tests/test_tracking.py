@@ -55,6 +55,7 @@ def artifacts(client, run_id, path=""):
     return out
 
 
+@pytest.mark.slow  # server tracking: the outage test runs on the same server in CI
 def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
     cfgs = [tracked(tmp_path, server.url, name=n, algorithm={"name": a}, outer={"steps": 6},
                     tracking={"plots": True, "log_model": True, "log_checkpoint": True, "registered_model": reg})
