@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import contextlib
 import os
 import signal
 import time
@@ -166,3 +167,21 @@ def tiny_config(tmp_path, **sections) -> Config:
             base = {k: v for k, v in base.items() if k in known}
         data[section] = {**base, **values}
     return parse_config(data)
+
+
+@contextlib.contextmanager
+def two_node_cluster(**head_args):
+    """A real Ray cluster on this machine: a head without CPUs on 127.0.0.2 (like a real cluster's) and two 1-CPU
+    worker nodes on 127.0.0.3-4; yields (cluster, worker nodes). The session's embedded Ray is shut down first
+    and comes back for later tests; everything started here is shut down on the way out."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.2", **head_args})
+    try:
+        yield c, [c.add_node(num_cpus=1, node_ip_address=f"127.0.0.{3 + i}") for i in range(2)]
+    finally:
+        ray.shutdown()
+        c.shutdown()

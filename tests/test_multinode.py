@@ -1,6 +1,6 @@
 """A real multi-node Ray cluster on this machine (head + 2 worker nodes on 127.0.0.x): placement, node loss, growth.
 
-Each test starts its own cluster with ``ray.cluster_utils.Cluster`` (real raylets; the head has no CPUs, like a
+Each test starts its own cluster (``conftest.two_node_cluster``: ``ray.cluster_utils.Cluster``, real raylets; the head has no CPUs, like a
 real cluster) and connects to it; the session's embedded Ray is shut down first and comes back for later tests.
 """
 
@@ -10,13 +10,12 @@ import time
 import pytest
 import ray
 import torch
-from ray.cluster_utils import Cluster
 
 from orchestrator.build import build_algorithm
 from orchestrator.group import LocalGroup, WorkerGroup
 from orchestrator.learner import CentralLearner
 
-from conftest import flat, tiny_config
+from conftest import flat, tiny_config, two_node_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -26,15 +25,9 @@ FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300
 
 @pytest.fixture
 def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.2",
-                                                       "_system_config": FAST_HEALTH})
-    nodes = [c.add_node(num_cpus=1, node_ip_address=f"127.0.0.{3 + i}") for i in range(2)]
-    ray.init(address=c.address, log_to_driver=False)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+    with two_node_cluster(_system_config=FAST_HEALTH) as (c, nodes):
+        ray.init(address=c.address, log_to_driver=False)
+        yield c, nodes
 
 
 def reference(tmp_path, steps, shares):
@@ -129,12 +122,7 @@ def test_image_store_missing_on_the_nodes_is_shipped_once_per_node(tmp_path, mon
     monkeypatch.chdir(tmp_path / "driver")
     empty = tmp_path / "code"
     empty.mkdir()
-    if ray.is_initialized():
-        ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.2"})
-    try:
-        for i in range(2):
-            c.add_node(num_cpus=1, node_ip_address=f"127.0.0.{3 + i}")
+    with two_node_cluster() as (c, _):
         ray.init(address=c.address, log_to_driver=False, runtime_env={"working_dir": str(empty)})
         cfg = tiny_config(tmp_path, task={"family": "images", "store": "omni.arrow", "n_way": 2, "k_shot": 1,
                                           "query": 2, "split": {"by": "class", "train": 0.5, "test": 0.5}},
@@ -147,9 +135,6 @@ def test_image_store_missing_on_the_nodes_is_shipped_once_per_node(tmp_path, mon
             learner.meta_step()
         finally:
             group.close()
-    finally:
-        ray.shutdown()
-        c.shutdown()
     assert all(p != "omni.arrow" and "metaray-data" in p for p in paths)
     assert len(set(paths)) == 1  # same content hash, same node-local file name
 
