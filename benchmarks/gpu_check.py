@@ -96,8 +96,10 @@ def generated_store(folder: Path, shape: tuple[int, int, int], classes: int, per
     """An image store in the Omniglot layout (groups of characters), random strokes, written with StoreWriter."""
     from tasks.store_writer import StoreWriter
 
+    dest = folder / f"generated-{shape[0]}x{shape[1]}-{classes}x{per_class}-seed{seed}.arrow"
+    if dest.exists():  # the same arguments wrote the same store: the table and the worker rows share it
+        return str(dest)
     rng = np.random.default_rng(seed)
-    dest = folder / f"generated-{shape[0]}x{shape[1]}.arrow"
     with StoreWriter(dest, shape, source="generated", preprocessing="random strokes") as w:
         for c in range(classes):
             pixels = ((rng.random((per_class, *shape)) > 0.8) * 255).astype(np.uint8)
@@ -327,13 +329,16 @@ def cells(w: Workload, quick: bool) -> list[tuple[str, bool]]:
     return [(usual, False)] + ([("vmap", True)] if w.backbone != "resnet12" else [])
 
 
-def table(device: torch.device, quick: bool, folder: Path, budget: Budget, steps: int) -> list[str]:
+def table(device: torch.device, quick: bool, folder: Path, budget: Budget, steps: int,
+          rows: list[str]) -> list[str]:
     out = [f"{'workload':<24}{'strategy':<9}{'precision':<10}{'eager tasks/s':>14}{'compiled':>10}"
            f"{'ms/episode':>11}{'paper':>7}{'peak MB':>9}"]
     skipped: list[str] = []
     notes: list[str] = []
     warmup = 0 if quick else 2
     for w in workloads(quick, folder):
+        if rows and not any(r in w.label for r in rows):
+            continue
         for strategy, bf16 in cells(w, quick):
             if budget.left() < (5 if quick else 20):
                 skipped.append(f"{w.label} {strategy} {'bf16' if bf16 else 'fp32'} (time budget)")
@@ -350,15 +355,20 @@ def table(device: torch.device, quick: bool, folder: Path, budget: Budget, steps
             # Compilation takes minutes on a CPU: the compiled column is for the small models on a GPU.
             if w.backbone != "resnet12" and strategy == "vmap" and not bf16 and not quick:
                 if device.type == "cuda" and budget.left() > 90:
-                    rate, first = compute_cell(w, device, strategy, True, bf16, steps, warmup)
-                    compiled = f"{rate:.0f}"
-                    notes.append(f"compiled {w.label}: first call {first:.1f} s (compilation included)")
+                    try:
+                        rate, first = compute_cell(w, device, strategy, True, bf16, steps, warmup)
+                        compiled = f"{rate:.0f}"
+                        notes.append(f"compiled {w.label}: first call {first:.1f} s (compilation included)")
+                    except Exception as e:  # noqa: BLE001 - torch.compile's own failures are a finding, not a crash
+                        compiled = "failed"
+                        notes.append(f"compiled {w.label}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 else:
                     skipped.append(f"{w.label} compiled ({'time budget' if device.type == 'cuda' else 'CPU'})")
             peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if device.type == "cuda" else "-"
             paper = PAPER_MS.get((w.algorithm, w.k_shot)) if w.backbone == "resnet12" else None
             out.append(f"{w.label:<24}{strategy:<9}{'bf16' if bf16 else 'fp32':<10}{eager:>14.1f}{compiled:>10}"
                        f"{1e3 / eager:>11.1f}{paper if paper else '':>7}{peak:>9}")
+            print(f"  measured: {out[-1]}", flush=True)  # the table is printed again at the end; this survives a crash
     return out + [f"note: {n}" for n in notes] + [f"skipped: {s}" for s in skipped]
 
 
@@ -367,6 +377,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny workloads, one timed step each (CPU smoke test)")
     ap.add_argument("--budget", type=float, default=270.0, help="seconds for the whole check")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per cell (default 5, --quick 1)")
+    ap.add_argument("--rows", type=lambda v: v.split(","), default=[],
+                    help="comma-separated label parts: table rows to measure, e.g. 'SVM,sine' (default all)")
     ap.add_argument("--wheels", default=str(ROOT / "shared" / "wheels"), help="pydantic's wheels, if not installed")
     args = ap.parse_args()
     started = time.monotonic()
@@ -393,7 +405,7 @@ def main() -> None:
         print(*qp_check(device, args.quick), sep="\n", flush=True)
         print(f"\nmeta-gradient throughput on {device.type} (episodes on the device; median of {steps} steps):",
               flush=True)
-        print(*table(device, args.quick, folder, budget, steps), sep="\n", flush=True)
+        print(*table(device, args.quick, folder, budget, steps, args.rows), sep="\n", flush=True)
         if cuda and budget.left() > 20:
             print("\nwhat a Ray worker would get on this GPU (θ in, episodes drawn and moved, gradient out):")
             for w in workloads(args.quick, folder):
