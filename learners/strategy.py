@@ -103,7 +103,8 @@ def compiled_tasks(task_fn: TaskFn, strategy: Strategy) -> TaskFn:
     Its first call compiles (seconds to minutes on a CPU: ``benchmarks/throughput.py --compile`` reports it),
     and so does the first call with another number of tasks: keep it and pass it to every call.
     """
-    return torch.compile(vmap(task_fn, in_dims=TASK_AXES) if strategy == "vmap" else task_fn)
+    # dynamic=False: a share's size is fixed, and symbolic sizes broke Conv-4's double backward on CUDA (torch 2.11)
+    return torch.compile(vmap(task_fn, in_dims=TASK_AXES) if strategy == "vmap" else task_fn, dynamic=False)
 
 
 def _masked_sums(grads: Params, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> Summed:
