@@ -26,12 +26,12 @@ from tasks.sine import SineTasks
 
 # Per-task strategy when algorithm.strategy is "auto", by (device, backbone). CPU: measured on this project's
 # 2-core CPU (benchmarks/throughput.py): vmap ~10x faster than a loop for the sine MLP; a loop 1.5-2x faster
-# than vmap for Conv-4 (ProtoNet, FOMAML, ANIL, MAML alike). CUDA: vmap for every backbone, the expected
-# choice (batched kernels instead of one launch per task) until benchmarks/gpu_check.py, which times both on
-# a GPU, says otherwise.
+# than vmap for Conv-4 (ProtoNet, FOMAML, ANIL, MAML alike). CUDA: measured on one H100 (benchmarks/gpu_check.py,
+# README "GPU check"): vmap 11-46x faster than a loop for the MLP and Conv-4; for ResNet-12 at 84x84 the two run
+# at the same speed (loop 0.96-1.24x vmap) and the loop needs 1.5-8x less GPU memory (5.5 vs 44 GB, ProtoNet 1-shot).
 AUTO_STRATEGY = {
     ("cpu", "mlp"): "vmap", ("cpu", "conv4"): "loop", ("cpu", "resnet12"): "loop",
-    ("cuda", "mlp"): "vmap", ("cuda", "conv4"): "vmap", ("cuda", "resnet12"): "vmap",
+    ("cuda", "mlp"): "vmap", ("cuda", "conv4"): "vmap", ("cuda", "resnet12"): "loop",
 }
 
 Split = Literal["train", "val", "test", "eval"]
