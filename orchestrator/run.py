@@ -11,7 +11,6 @@ checkpoints, then evaluate, plot and export. A checkpoint is the union of those 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +52,14 @@ class TrainResult:
     tested_step: int  # the step of the θ the test results are of (the best checkpoint's, with validation)
 
 
-def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=sys.stdout,
+def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=None,
           parent_run_id: str | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Meta-train per ``cfg`` (continuing the run's checkpoint when ``resume``), evaluate, save, track.
 
     With ``workers.learner: actor`` all of it runs inside a Ray actor with its own resources (the
     driver only waits), so a cluster's head node, where ``ray job submit`` runs the command, does no work.
     SIGINT/SIGTERM (or ``should_stop()`` turning true) stop at the next step boundary with a checkpoint.
+    Progress and results are printed to ``out`` (None: ``sys.stdout`` as it is when printing).
     """
     if cfg.workers.learner == "actor":
         from orchestrator.learner_actor import train_in_actor
@@ -222,7 +222,7 @@ def _log_artifacts(cfg: Config, algorithm, params: Params, tracker, history, fir
         tracker.log_model(module, example.numpy(), step=step)
 
 
-def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=sys.stdout) -> Results:
+def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=None) -> Results:
     """Evaluate a saved checkpoint (``metaray eval``) under its own config, or ``cfg``; tracked as its own run."""
     ckpt = checkpoint.load(path)
     cfg = cfg or ckpt.config

@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import socket
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ class SweepResult:
 
 
 def sweep(paths: list[str], overrides: list[str] = (), grid: list[str] = (), experiment: str | None = None,
-          name: str | None = None, out=sys.stdout, *, search: list[str] = (), samples: int = 1,
+          name: str | None = None, out=None, *, search: list[str] = (), samples: int = 1,
           max_concurrent: int | None = None, scheduler: str = "fifo", metric: str | None = None,
           mode: str = "min", resume: bool = False, register: str | None = None) -> SweepResult:
     """Run (or with ``resume`` continue) a sweep on Ray Tune; the parent MLflow run gets its summary.

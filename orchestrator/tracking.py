@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -263,7 +262,7 @@ def open_tracker(cfg: Config, state: dict[str, Any] | None = None, **kwargs: Any
     return MlflowTracker(cfg, run_id=(state or {}).get("run_id"), **kwargs)
 
 
-def deliver(run_dir: str | Path, out=sys.stdout) -> int:
+def deliver(run_dir: str | Path, out=None) -> int:
     """Send to MLflow what the runs of ``run_dir`` left undelivered (``metaray deliver``), and end those runs
     with the status they stopped with. Returns how many metrics and artifacts are still undelivered."""
     if not Path(run_dir).is_dir():
