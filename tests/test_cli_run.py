@@ -1,4 +1,4 @@
-"""The real command: a tiny Ray training run end to end, and a hard kill followed by --resume."""
+"""The command: a tiny training run and its evaluation end to end, and a hard kill followed by --resume."""
 
 import os
 import signal
@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from orchestrator import checkpoint
+from orchestrator.cli import main
 
 
 def write_config(tmp_path, steps, mode="inprocess", name="run"):
@@ -33,22 +34,24 @@ def metaray(*args, **kw):
                           timeout=300, **kw)
 
 
-def test_train_prints_results_and_writes_checkpoint(tmp_path):
-    # In-process: the CLI calls the same train() that tests/test_distributed.py runs on Ray.
+def test_train_prints_results_and_writes_checkpoint(tmp_path, capfd):
+    # In-process: the CLI's main() calls the same train() that tests/test_distributed.py runs on Ray. The command
+    # as a process (its exit code, nothing on stderr) is tests/test_tracking.py's default-store test and
+    # tests/test_config.py's subprocess test.
     path = write_config(tmp_path, steps=20)
-    proc = metaray("train", str(path))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "step 20/20" in proc.stdout
+    assert main(["train", str(path)]) == 0
+    trained = capfd.readouterr().out
+    assert "step 20/20" in trained
     for evaluation in ("test", "half"):
-        assert f"maml         {evaluation}" in proc.stdout
+        assert f"maml         {evaluation}" in trained
     ck = checkpoint.load(tmp_path / "runs" / "run")
     assert ck.step == 20
     assert (tmp_path / "runs" / "run" / "eval.json").exists()
-    again = metaray("eval", str(tmp_path / "runs" / "run"), "--set", "workers.mode=inprocess")
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert main(["eval", str(tmp_path / "runs" / "run"), "--set", "workers.mode=inprocess"]) == 0
+    again = capfd.readouterr().out
     # Same held-out tasks, same θ: the same numbers as at the end of training.
-    assert [line for line in proc.stdout.splitlines() if "(n=30)" in line] == \
-           [line for line in again.stdout.splitlines() if "(n=30)" in line]
+    assert [line for line in trained.splitlines() if "(n=30)" in line] == \
+           [line for line in again.splitlines() if "(n=30)" in line]
 
 
 @pytest.mark.slow  # SIGKILL + resume is in CI as tests/test_exactly_once.py's first sequence
