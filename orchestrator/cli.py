@@ -203,8 +203,10 @@ def _ui(args: argparse.Namespace) -> int:
         raise TrackingError(f"no MLflow store at {path} ({uri}); run metaray ui where the runs were tracked, pass "
                             "--uri, or --create to start on an empty store")
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    # One server worker: this is one researcher's UI (MLflow's default of 4 workers takes ~10 s more to start on
+    # a 2-core laptop); a team sharing a store runs `mlflow server` itself.
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]
+           "--port", str(args.port), "--workers", "1"]
     # Its own process group: stopping metaray ui stops the server and the workers it forks, all of them.
     # MLflow's GenAI job runner (eight more processes) serves nothing a training run logs; a user may turn it on.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
