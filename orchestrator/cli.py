@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 from importlib import metadata
-from pathlib import Path
 
 from orchestrator import checkpoint, data_cli
 from orchestrator.checkpoint import CheckpointError
@@ -30,6 +29,7 @@ from orchestrator.config import ConfigError, apply_overrides, load_config, parse
 from orchestrator.errors import RunFailed
 from orchestrator.interrupts import Interrupted
 from orchestrator.run import evaluate_checkpoint, train
+from orchestrator.sqlite_store import store_file
 from orchestrator.sweep import sweep
 from orchestrator.sweep_plan import TRAINING_METRIC, VALIDATION_METRIC
 from orchestrator.tracking import DEFAULT_URI, TrackingError, deliver
@@ -198,7 +198,7 @@ def _ui(args: argparse.Namespace) -> int:
     uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     if not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql", "file:", "/", ".")):
         raise TrackingError(f"{uri!r} is a tracking server, not a store: open it in a browser instead")
-    path = _store_file(uri)
+    path = store_file(uri)
     if path is not None and not path.exists() and not args.create:
         raise TrackingError(f"no MLflow store at {path} ({uri}); run metaray ui where the runs were tracked, pass "
                             "--uri, or --create to start on an empty store")
@@ -224,16 +224,6 @@ def _ui(args: argparse.Namespace) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
         _stop_group(server)
-
-
-def _store_file(uri: str) -> Path | None:
-    """The file behind a SQLite or file-store URI; None for a database server."""
-    if uri.startswith("sqlite:"):
-        path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
-        return Path(path) if path else None  # "sqlite://" is an in-memory database
-    if uri.startswith("file:"):
-        return Path(uri.removeprefix("file:").removeprefix("//"))
-    return Path(uri) if uri.startswith(("/", ".")) else None
 
 
 def _stop_group(server: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -46,6 +46,7 @@ from orchestrator.config import Config
 from orchestrator.delivery import finish, lock_folder, lock_holder, mlflow_delivery, without_http_retries
 from orchestrator.errors import one_line
 from orchestrator.metric_writer import LOCK_WAIT_S, MetricProcess
+from orchestrator.sqlite_store import first_touch
 
 log = logging.getLogger("metaray")
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -99,8 +100,9 @@ class MlflowTracker:
         self.run_dir = run_dir or cfg.run_dir
         resumed = run_id is not None
         try:
-            self.client = MlflowClient(self.uri)
-            self.experiment_id = self._experiment(experiment_name(cfg))
+            with first_touch(self.uri):
+                self.client = MlflowClient(self.uri)
+                self.experiment_id = self._experiment(experiment_name(cfg))
             if run_id is None:
                 name, tags = cfg.run.name, _tags(cfg, command, parent_run_id)
                 if evaluates:

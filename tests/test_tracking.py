@@ -201,6 +201,51 @@ def test_bad_tracking_uri_fails_before_training(tmp_path, capsys):
         assert not (tmp_path / "runs").exists()
 
 
+# A process that opens the store once a go-file appears: as MLflow's client does under the lock, or as a tracker
+# (the config as JSON). Separate interpreters, so the client variant imports MLflow alone.
+OPEN_STORE = """
+import json, os, sys, time
+uri, go, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+if cfg:
+    from orchestrator.config import parse_config
+    from orchestrator.tracking import MlflowTracker
+    cfg = parse_config(cfg)
+else:
+    from mlflow import MlflowClient
+    from orchestrator.sqlite_store import first_touch
+while not os.path.exists(go):
+    time.sleep(0.005)
+if cfg:
+    MlflowTracker(cfg).close()
+else:
+    with first_touch(uri):
+        MlflowClient(uri).search_experiments()
+"""
+
+
+@pytest.mark.parametrize("through", [
+    "client",
+    pytest.param("tracker", marks=pytest.mark.slow),  # 3 processes importing torch; the lock itself stays in CI
+])
+def test_processes_started_together_on_a_new_sqlite_store_all_open_it(tmp_path, through):
+    """Three processes open a store that does not exist yet at the same moment, as two `metaray train` started
+    together in a new folder do. MLflow creates and migrates a new store's tables on first connection; without
+    the lock beside the store, two of three processes failed here with "duplicate column name: step"."""
+    uri, go = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}", tmp_path / "go"
+    cfgs = [tracked(tmp_path, uri, name=f"r{i}", tracking={"system_metrics": False}).model_dump(mode="json")
+            if through == "tracker" else None for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri, str(go), json.dumps(cfg)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for cfg in cfgs]
+    time.sleep(1.0)  # most of the imports done, so that the three open the store together
+    go.touch()
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[-600:] for o in outputs]
+    if through == "tracker":
+        client = MlflowClient(uri)
+        (exp,) = [e for e in client.search_experiments() if e.name == "tracking-test"]
+        assert sorted(r.info.run_name for r in client.search_runs([exp.experiment_id])) == ["r0", "r1", "r2"]
+
+
 def test_default_store_is_local_sqlite_and_ui_serves_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     cfg_path = tmp_path / "c.yaml"
