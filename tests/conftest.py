@@ -147,7 +147,8 @@ def assert_directional_derivative(loss, params, grads, seed: int, rel_tol: float
 
 
 def tiny_config(tmp_path, **sections) -> Config:
-    """A small, fast sine config rooted in tmp_path; ``sections`` override top-level sections."""
+    """A small, fast sine config rooted in tmp_path; ``sections`` override top-level sections. Tracked only when
+    ``sections`` has a tracking section."""
     data = {
         "run": {"name": "tiny", "dir": str(tmp_path / "runs"), "checkpoint_every": 2, "log_every": 1000},
         "task": {"k_shot": 5, "query": 5},
@@ -166,6 +167,10 @@ def tiny_config(tmp_path, **sections) -> Config:
             known = variant(values.get("name", "maml")).model_fields
             base = {k: v for k, v in base.items() if k in known}
         data[section] = {**base, **values}
+    if "tracking" not in sections:
+        # Tracking is the subject of the tests that pass a tracking section. Elsewhere it only cost time: each
+        # tracked run starts a writer process that imports MLflow (3-4 s of a 2-core machine, ~35 runs here).
+        data["tracking"]["enabled"] = False
     return parse_config(data)
 
 

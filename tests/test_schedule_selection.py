@@ -58,7 +58,7 @@ def test_bad_schedules_are_named():
 
 
 def test_the_learner_steps_with_the_scheduled_rate_and_logs_it(tmp_path):
-    cfg = tiny_config(tmp_path, outer={"steps": 6, "optimizer": "sgd", "lr": 0.05,
+    cfg = tiny_config(tmp_path, tracking={"enabled": True}, outer={"steps": 6, "optimizer": "sgd", "lr": 0.05,
                                        "schedule": {"kind": "step", "milestones": [2, 4], "gamma": 0.5}})
     result = train(cfg, evaluate=False)
     client = MlflowClient()
@@ -83,7 +83,8 @@ def test_a_cosine_schedule_that_would_move_on_resume_is_refused(tmp_path):
 
 
 def test_the_best_checkpoint_is_the_argmin_of_the_logged_validation_loss(tmp_path):
-    cfg = tiny_config(tmp_path, outer={"steps": 12, "lr": 0.02}, eval={"every": 2, "val_tasks": 16})
+    cfg = tiny_config(tmp_path, outer={"steps": 12, "lr": 0.02}, eval={"every": 2, "val_tasks": 16},
+                      tracking={"enabled": True})
     result = train(cfg)
     history = MlflowClient().get_metric_history(result.run_id, "val/loss")
     assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]
