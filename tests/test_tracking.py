@@ -246,14 +246,17 @@ def test_processes_started_together_on_a_new_sqlite_store_all_open_it(tmp_path, 
         assert sorted(r.info.run_name for r in client.search_runs([exp.experiment_id])) == ["r0", "r1", "r2"]
 
 
-def test_default_store_is_local_sqlite_and_ui_serves_it(tmp_path):
+def test_default_store_is_local_sqlite_and_ui_serves_it(tmp_path, monkeypatch):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("outer:\n  steps: 3\n  meta_batch_size: 4\nworkers:\n  mode: inprocess\n"
                         "eval:\n  tasks: 10\n  steps: [0, 1]\ntracking:\n  log_model: false\n")
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(cfg_path)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # `metaray train` in a folder, no tracking URI set: in-process (the command as a process is
+    # tests/test_config.py's subprocess test); the UI below is a real process.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["train", str(cfg_path)]) == 0
+    monkeypatch.undo()
     assert (tmp_path / "mlflow.db").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("metaray-sine")
