@@ -46,7 +46,7 @@ from orchestrator.config import Config
 from orchestrator.delivery import finish, lock_folder, lock_holder, mlflow_delivery, without_http_retries
 from orchestrator.errors import one_line
 from orchestrator.metric_writer import LOCK_WAIT_S, MetricProcess
-from orchestrator.sqlite_store import first_touch
+from orchestrator.sqlite_store import first_touch, store_file
 
 log = logging.getLogger("metaray")
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -338,10 +338,8 @@ def _remove(folder: Path) -> None:
 
 def _absolute(uri: str) -> str:
     """A relative SQLite path made absolute, so that ``metaray deliver`` works from any directory."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + os.path.abspath(uri[len(prefix):])
-    return uri
+    path = store_file(uri) if uri.startswith("sqlite:") else None
+    return f"sqlite:///{os.path.abspath(path)}" if path is not None and not path.is_absolute() else uri
 
 
 def _tags(cfg: Config, command: str, parent_run_id: str | None) -> dict[str, str]:
