@@ -176,11 +176,27 @@ def main() -> None:
                 ref = setups[0].median("perf/step_s") if setups[0].name == REFERENCE else math.nan
                 for s in setups:
                     print(row(alg, s, mb, ref), flush=True)
+                ray_setups = [s for s in setups if s.name.startswith("ray")]
+                if ray_setups:
+                    print(floor_line(ray_setups), flush=True)
             finally:
                 for s in setups:
                     s.close()
         if any(n.startswith("ray") for n in names):
             ray.shutdown()
+
+
+def floor_line(ray_setups: list[Setup]) -> str:
+    """Ray's own cost of a step's calls with nothing in them (``ray_floor``), against the rows' overhead."""
+    from ray_floor import floor_ms
+
+    s = max(ray_setups, key=lambda s: s.cfg.workers.share_count)
+    n = s.cfg.workers.share_count
+    ms = floor_ms(s.numel, n)
+    overhead = statistics.median(r["perf/step_s"] - r["perf/compute_s"] for r in s.rows) * 1e3
+    return (f"Ray's floor, {n} empty calls per step (benchmarks/ray_floor.py): plain actor calls {ms['plain']:.2f} ms "
+            f"(metaray's '{s.name}' overhead above it: {overhead - ms['plain']:.2f} ms), compiled graph "
+            f"{ms['compiled']:.2f} ms")
 
 
 def row(alg: str, s: Setup, mb: int, ref_step: float) -> str:
