@@ -3,8 +3,9 @@
 Evaluation episodes are fixed by ``eval.seed`` (their own seed stream), so
 every run and every algorithm is scored on the same tasks. The work is spread
 over the worker group like training. A task whose query loss is not finite after
-k steps has diverged: it is counted, said in words, and left out of the means at k
-(one NaN would make the mean NaN, one overflow would make it meaningless).
+k steps, or more than ``BLOWUP`` times its loss before adapting, has diverged: it is counted, said in
+words, and left out of the means at k (one NaN would make the mean NaN; one task at 1e33, finite but
+diverged all the same, would make it meaningless).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from orchestrator.group import LocalGroup, WorkerGroup
 from tasks.episode import EpisodeIds, Purpose
 
 Results = dict[str, dict[str, dict[int, "Score"]]]  # {evaluation: {metric: {adaptation steps: Score}}}
+BLOWUP = 1e6  # a million times worse than before adapting is divergence on the way to overflow, not a bad fit
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Score:
     mean: float
     ci95: float  # half-width of the normal 95% confidence interval of the mean
     n: int  # tasks in the mean
-    diverged: int = 0  # tasks left out: their query loss after this many steps was not finite
+    diverged: int = 0  # tasks left out: their query loss after this many steps was not finite or blew up
 
     def __str__(self) -> str:
         if self.n == 0:
@@ -50,11 +52,14 @@ def mean_ci(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def diverged(curves: dict[str, np.ndarray]) -> np.ndarray:
-    """``[tasks, steps + 1]``: True where a task's query loss after that many steps is not finite (its other
-    metrics there, e.g. the accuracy of NaN logits, mean nothing either)."""
-    if "loss" in curves:
-        return ~np.isfinite(curves["loss"])
-    return ~np.logical_and.reduce([np.isfinite(v) for v in curves.values()])
+    """``[tasks, steps + 1]``: True where a task's query loss after that many steps is not finite or more than
+    ``BLOWUP`` times its loss before adapting (its other metrics there, e.g. the accuracy of NaN logits, mean
+    nothing either)."""
+    if "loss" not in curves:
+        return ~np.logical_and.reduce([np.isfinite(v) for v in curves.values()])
+    loss = np.asarray(curves["loss"], dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return ~np.isfinite(loss) | (loss > BLOWUP * np.maximum(loss[:, :1], np.finfo(np.float64).tiny))
 
 
 def curve_summaries(curves: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

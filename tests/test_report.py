@@ -22,21 +22,23 @@ def test_diverged_tasks_are_counted_and_left_out_of_the_mean():
     acc = rng.uniform(0.2, 0.9, size=(600, 11))
     loss[:12, 10] = np.nan  # 12 tasks diverge at 10 steps, two more already at 5 (and stay so)
     loss[12:14, 5:] = np.inf
-    acc[:14, 10] = 0.2  # the accuracy of NaN logits is a number, but means nothing
+    loss[14, 10] = 1e33  # finite, but diverged all the same (a million times its loss before adapting)
+    loss[15, 10] = 1e5  # a bad fit, 1e5 times worse than before: counted in the mean
+    acc[:15, 10] = 0.2  # the accuracy of NaN logits is a number, but means nothing
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no numpy "invalid value" warnings either
         results = summarize({"loss": loss, "acc": acc}, [0, 5, 10])
         text = table("maml", {"test": results})
-    kept = loss[14:, 10]  # an independent computation over the tasks that did not diverge
+    kept = loss[15:, 10]  # an independent computation over the tasks that did not diverge
     assert results["loss"][10].mean == pytest.approx(kept.mean())
     assert results["loss"][10].ci95 == pytest.approx(1.96 * kept.std(ddof=1) / math.sqrt(len(kept)))
-    assert results["acc"][10].mean == pytest.approx(acc[14:, 10].mean())
-    assert (results["loss"][10].n, results["loss"][10].diverged) == (586, 14)
+    assert results["acc"][10].mean == pytest.approx(acc[15:, 10].mean())
+    assert (results["loss"][10].n, results["loss"][10].diverged) == (585, 15)
     assert (results["loss"][0].n, results["loss"][0].diverged) == (600, 0)
-    assert "2 of 600 held-out tasks diverged at 5 steps, 14 at 10 steps" in text
+    assert "2 of 600 held-out tasks diverged at 5 steps, 15 at 10 steps" in text
     assert "nan" not in text and "(n=600)" in text
     mean, ci = curve_summaries({"loss": loss, "acc": acc})["acc"]
-    assert mean[10] == pytest.approx(acc[14:, 10].mean()) and np.isfinite(ci).all()
+    assert mean[10] == pytest.approx(acc[15:, 10].mean()) and np.isfinite(ci).all()
 
 
 def test_a_run_whose_every_step_diverged_finishes_and_says_so(tmp_path, mlflow_store):
