@@ -91,7 +91,9 @@ def plan(paths: list[str], overrides: list[str] = (), search: list[str] = (), gr
     names = trial_names([s for s, _ in specs], [c.run.name for _, c in specs])
     trials = [TrialSpec(n, s, cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": n})}))
               for n, (s, cfg) in zip(names, specs)]
-    settings = {"configs": list(paths), "overrides": list(overrides), "search": list(search), "grid": list(grid),
+    # Where the sweep runs (--address) is not what it is: a sweep continues on another cluster or embedded.
+    what = [o for o in overrides if not o.startswith("workers.address=")]
+    settings = {"configs": list(paths), "overrides": what, "search": list(search), "grid": list(grid),
                 "samples": samples, "scheduler": scheduler, "metric": metric, "mode": mode,
                 "trials": [t.name for t in trials]}
     return Plan(name, folder, trials, settings)

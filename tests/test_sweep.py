@@ -50,7 +50,7 @@ def write_config(tmp_path, name="sine", **sections):
     return path
 
 
-STEPS_ASHA = 26  # ASHA rungs at steps 1, 3 and 9 (27 is past the end)
+STEPS_ASHA = 20  # ASHA rungs at steps 1, 3 and 9 (27 is past the end); room to interrupt the third trial
 
 
 def mid_sweep(progress: str) -> tuple[set[str], bool]:
@@ -231,8 +231,6 @@ def test_trials_live_in_their_placement_group_match_a_solo_run_and_a_crash_is_re
     assert all(torch.equal(trial_theta[k], solo.params[k]) for k in solo.params)  # bit-identical
 
 
-@pytest.mark.slow  # 85-90 s, the suite's longest: with it CI measured 621 s, over its 10 minutes; CI keeps the
-# placement-group sweep (trials in their groups, equal to a solo run, a crash reported). Run it with -m slow.
 def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
     """4 trials (2 configs x 2 outer.lr) under ASHA, one at a time so that ASHA's decisions are known: the
     first trial is never stopped, the second (outer.lr 1e-6) is worse at step 3 and stopped, the third (MAML
@@ -241,8 +239,11 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
     continues its checkpoint in its MLflow run, the fourth runs."""
     paths = [str(write_config(tmp_path, f"sine-{alg}", algorithm={"name": alg}, outer={"steps": STEPS_ASHA}))
              for alg in ("fomaml", "maml")]
+    # The subprocess joins the session's Ray (as on a cluster) rather than starting one of its own, which saves
+    # seconds; the resume below passes no --address, which must not count as another sweep.
+    address = ray_local.get_runtime_context().gcs_address
     args = ["sweep", *paths, "--search", "outer.lr=grid([0.03, 0.000001])", "--scheduler", "asha",
-            "--max-concurrent", "1", "--name", "asha", "--experiment", "sweep-asha"]
+            "--max-concurrent", "1", "--name", "asha", "--experiment", "sweep-asha", "--address", address]
     out = tmp_path / "first.out"
     with open(out, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=f,
@@ -285,7 +286,7 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
         if t.name in ended:  # not run again
             assert runs[t.name].info.end_time == before[t.name][1], t.name
     log = (tmp_path / "runs" / "asha" / "sine-maml_lr-0.03" / "train.log").read_text()
-    assert re.search(r"resuming \S+ at step ([4-9]|1[0-9]|2[0-5])\b", log), log  # its checkpoint, not step 0
+    assert re.search(r"resuming \S+ at step ([4-9]|1[0-9])\b", log), log  # its checkpoint, not step 0
     assert client.get_run(parent_id).info.status == "FINISHED"
     files = [a.path for folder in ("", "plots") for a in client.list_artifacts(parent_id, folder)]
     assert {"sweep_results.md", "best_config.yaml", "plots/sweep_comparison.png"} <= set(files)
