@@ -8,9 +8,11 @@ at once, the shape of a metaray step with 2 workers, nothing computed. Measured 
   lower bound a rewrite onto compiled graphs could reach.
 
 ``benchmarks/throughput.py`` prints these next to its Ray rows, so the rows' "ray overhead" can be
-read against what Ray itself costs on the same machine in the same run.
+read against what Ray itself costs on the same machine in the same run. ``--real`` also times real
+meta-steps both ways: ``WorkerGroup.meta_gradient`` against a compiled graph over the same TaskWorker
+actors (sine MAML, 2 workers), alternating, to see whether compiled graphs would pay with work in the calls.
 
-    python benchmarks/ray_floor.py --calls 300
+    python benchmarks/ray_floor.py --calls 300 --real
 """
 
 from __future__ import annotations
@@ -61,6 +63,55 @@ def floor_ms(numel: int, workers: int = 2, calls: int = 200) -> dict[str, float]
     return out
 
 
+def real_step_ms(config: str, steps: int = 60, rounds: int = 3) -> dict[str, float]:
+    """Median ms per real meta-step (2 workers) through ``WorkerGroup`` and through a compiled graph over the
+    same actors, with the slowest share's compute of each."""
+    import ray
+    from ray.dag import InputNode, MultiOutputNode
+
+    from orchestrator.build import build_algorithm
+    from orchestrator.config import load_config
+    from orchestrator.group import make_group
+    from orchestrator.messages import theta_message
+    from learners.params import ParamSpec
+    from tasks.episode import EpisodeIds
+
+    cfg = load_config(config, ["workers.mode=ray", "workers.num_workers=2", "tracking.enabled=false"])
+    init = build_algorithm(cfg).init_params(cfg.run.seed)
+    theta = ParamSpec.of(init).flatten(init).detach().numpy().astype("float32")
+    group = make_group(cfg)
+    try:
+        with InputNode() as inp:
+            dag = MultiOutputNode([s.actor.meta_gradient.bind(inp[0], inp[i + 1])
+                                   for i, s in enumerate(group.pool.slots)])
+        compiled = dag.experimental_compile()
+        try:
+            def shares(step):
+                return EpisodeIds(cfg.run.seed, step, tuple(range(cfg.outer.meta_batch_size))).split(2)
+
+            ways = {"plain": lambda step: group.meta_gradient(theta, shares(step)).compute_s,
+                    "compiled": lambda step: max(r.compute_s for r in ray.get(
+                        compiled.execute(theta_message(theta), *shares(step)), timeout=300))}
+            times = {k: [] for k in ways}
+            computes = {k: [] for k in ways}
+            step = 0
+            for r in range(rounds + 1):  # round 0 warms up (the graph's channels, the workers)
+                for name, run in ways.items():
+                    for _ in range(steps):
+                        start = time.perf_counter()
+                        compute = run(step)
+                        step += 1
+                        if r:
+                            times[name].append(time.perf_counter() - start)
+                            computes[name].append(compute)
+        finally:
+            compiled.teardown()
+    finally:
+        group.close()
+    return {f"{k} {what}": statistics.median(v[k]) * 1e3 for what, v in (("step", times), ("compute", computes))
+            for k in v}
+
+
 def _median_ms(call, n: int) -> float:
     times = []
     for _ in range(n):
@@ -75,6 +126,8 @@ def main() -> None:
     ap.add_argument("--numel", type=int, default=1761, help="θ's size (sine MLP 40-40: 1761)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--real", action="store_true", help="also time real sine meta-steps, plain and compiled")
+    ap.add_argument("--config", default="configs/sine-maml.yaml", help="the config --real trains")
     args = ap.parse_args()
     import ray
 
@@ -82,10 +135,14 @@ def main() -> None:
              _node_ip_address="127.0.0.1")
     try:
         ms = floor_ms(args.numel, args.workers, args.calls)
+        real = real_step_ms(args.config) if args.real else None
     finally:
         ray.shutdown()
     print(f"Ray floor, {args.workers} empty calls per step, θ {args.numel} floats: plain actor calls "
           f"{ms['plain']:.2f} ms, compiled graph {ms['compiled']:.2f} ms")
+    if real is not None:
+        print(f"real meta-steps ({args.config}, 2 workers), median ms: " +
+              ", ".join(f"{k} {v:.2f}" for k, v in real.items()))
 
 
 if __name__ == "__main__":
