@@ -132,6 +132,12 @@ def to_json(results: dict[str, dict[str, dict[int, Score]]]) -> dict:
                      for s, sc in bs.items()} for m, bs in ms.items()} for ev, ms in results.items()}
 
 
+def from_json(saved: dict) -> Results:
+    """``to_json``'s inverse."""
+    return {ev: {m: {int(s): Score(**sc) for s, sc in bs.items()} for m, bs in ms.items()}
+            for ev, ms in saved.items()}
+
+
 def to_csv(results: dict[str, dict[str, dict[int, Score]]]) -> str:
     """One row per evaluation, metric and step count: the mean with its 95% CI (MLflow shows CSV as a table)."""
     rows = ["evaluation,metric,adaptation_steps,mean,ci95,ci95_low,ci95_high,tasks,diverged"]

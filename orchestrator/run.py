@@ -10,6 +10,7 @@ checkpoints, then evaluate, plot and export. A checkpoint is the union of those 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from orchestrator import checkpoint, plots
 from orchestrator.atomic import write_atomic
 from orchestrator.build import build_algorithm, build_tasks, check_tasks
 from orchestrator.config import Config
-from orchestrator.evaluate import Results, mean_ci
+from orchestrator.evaluate import Results, from_json, mean_ci, to_json
 from orchestrator.group import make_group
 from orchestrator.interrupts import Interrupted, StopSignals
 from orchestrator.learner import CentralLearner
@@ -33,6 +34,8 @@ from orchestrator.tracking import open_tracker
 from tasks.episode import EpisodeIds, Purpose
 
 HISTORY_PREFIXES = ("meta/", "inner/", "orchestrator/")
+# Written once a run's evaluation and artifacts are in: --resume of that same checkpoint has nothing left to do.
+DONE = "done.json"
 OnStep = Callable[[int, dict[str, float], Callable[[], None]], bool]
 
 
@@ -119,12 +122,22 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
                       file=out)
             theta = ParamSpec.of(params).flatten(params).numpy().astype(np.float32)
             results, test_curve = {}, None
+            done = _done(cfg, learner.step) if ckpt is not None and evaluate and not loop.stopped else None
             try:
-                if evaluate and not loop.stopped:
+                if done is not None:  # e.g. a sweep trial that completed just as its sweep was interrupted
+                    results, test_curve = done
+                    print(f"{cfg.run_dir}: already trained and evaluated at step {learner.step}; nothing left to do",
+                          file=out)
+                elif evaluate and not loop.stopped:
                     results, curves = evaluate_and_report(cfg, algorithm, group, theta, tracker, learner.step,
                                                           cfg.run_dir, out)
                     test_curve = mean_ci(curves["test"]["loss"])
-                _log_artifacts(cfg, algorithm, params, tracker, loop.history, first_step, learner.step)
+                if done is None:
+                    _log_artifacts(cfg, algorithm, params, tracker, loop.history, first_step, learner.step)
+                    if results:
+                        write_atomic(cfg.run_dir / DONE, json.dumps({
+                            "step": learner.step, "results": to_json(results),
+                            "test_curve": [c.tolist() for c in test_curve]}))
             except Interrupted:
                 print(f"interrupted after training: the checkpoint at step {learner.step} is complete; evaluate it "
                       f"with `metaray eval {cfg.run_dir}`", file=out)
@@ -145,6 +158,17 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
         undelivered = tracker.close(status)
         if undelivered:
             print(undelivered, file=out)
+
+
+def _done(cfg: Config, step: int) -> tuple[Results, tuple[np.ndarray, np.ndarray]] | None:
+    """The saved results when this run was already evaluated (and its artifacts logged) at ``step``."""
+    path = cfg.run_dir / DONE
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["step"] != step:
+        return None
+    return from_json(saved["results"]), tuple(np.asarray(c) for c in saved["test_curve"])
 
 
 def _starting_point(cfg: Config, resume: bool, out) -> checkpoint.Checkpoint | None:

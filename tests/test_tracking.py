@@ -1,6 +1,7 @@
 """MLflow tracking against a real MLflow server and SQLite stores, read back through MLflow's own client."""
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -377,3 +378,25 @@ def test_a_killed_writer_loses_nothing_and_close_counts_what_is_left(tmp_path, m
     assert writer.close(timeout_s=30) == 0
     assert steps_of(client, run_id, "m") == list(range(6))
     assert [m.value for m in sorted(client.get_metric_history(run_id, "m"), key=lambda m: m.step)] == list(range(6))
+
+
+def test_resuming_a_run_that_was_already_evaluated_records_nothing_twice(tmp_path, mlflow_store):
+    """E.g. a sweep trial that completed just as its sweep was interrupted: Tune resumes it, and its checkpoint is
+    the final one. Its evaluation and artifacts are not made again; the run ends FINISHED with the same results."""
+    first = train(tracked(tmp_path, mlflow_store, outer={"steps": 4}))
+    out = io.StringIO()
+    again = train(tracked(tmp_path, mlflow_store, outer={"steps": 4}), resume=True, out=out)
+    assert "already trained and evaluated at step 4; nothing left to do" in out.getvalue()
+    assert again.run_id == first.run_id and again.step == 4
+    assert again.results["test"]["loss"][1] == first.results["test"]["loss"][1]
+    assert all((a == b).all() for a, b in zip(again.test_curve, first.test_curve))
+    client = MlflowClient(mlflow_store)
+    for key in ("eval/test/loss_step1", "eval/test/loss_curve"):
+        history = client.get_metric_history(first.run_id, key)
+        assert len(history) == len({m.step for m in history}), key  # each once
+    assert steps_of(client, first.run_id, "meta/loss") == list(range(4))
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    # More steps on resume: it trains on and evaluates again, as before.
+    more = train(tracked(tmp_path, mlflow_store, outer={"steps": 6}), resume=True)
+    assert more.step == 6 and client.get_run(first.run_id).data.metrics["eval/test/loss_step1"] == pytest.approx(
+        more.results["test"]["loss"][1].mean)
