@@ -12,6 +12,7 @@ import ray
 import torch
 
 from orchestrator.build import build_algorithm
+from orchestrator.cli import main
 from orchestrator.group import LocalGroup, WorkerGroup
 from orchestrator.learner import CentralLearner
 
@@ -38,7 +39,9 @@ def reference(tmp_path, steps, shares):
     return flat(learner.params)
 
 
-def test_workers_land_on_both_worker_nodes_and_match_in_process(cluster, tmp_path):
+def test_workers_and_sweep_trials_land_on_both_worker_nodes(cluster, tmp_path):
+    """A run's two workers, one per node, equal in-process; then, on the same cluster (one start for both: CI
+    time), a Ray Tune sweep's two trials at once, one per node."""
     c, nodes = cluster
     cfg = tiny_config(tmp_path, workers={"mode": "ray", "num_workers": 2, "address": c.address})
     group = WorkerGroup(cfg)
@@ -53,6 +56,21 @@ def test_workers_land_on_both_worker_nodes_and_match_in_process(cluster, tmp_pat
     assert ray.is_initialized()  # the group did not shut down a cluster it did not start
     ref = reference(tmp_path, 5, shares=2)
     assert float((flat(learner.params) - ref).norm() / ref.norm()) <= 1e-6
+
+    # In-process workers: each trial is one actor of 1 CPU, a node's worth. The trials validate, so they are
+    # compared on val/loss (reported with its latest value between validations).
+    sweep_cfg = tiny_config(tmp_path / "sweep", outer={"steps": 4},
+                            workers={"mode": "inprocess", "num_workers": 1, "learner_num_cpus": 1},
+                            eval={"every": 2, "val_tasks": 10},
+                            tracking={"plots": False, "log_model": False, "log_checkpoint": False})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(sweep_cfg.to_yaml())
+    assert main(["sweep", str(path), "--grid", "outer.lr=[0.01, 0.02]", "--address", c.address,
+                 "--max-concurrent", "2", "--name", "spread", "--experiment", "sweep-spread"]) == 0
+    table = (tmp_path / "sweep" / "runs" / "spread" / "sweep_results.md").read_text().splitlines()
+    assert "| val/loss |" in table[0] and table[0].rstrip(" |").endswith("node")
+    assert {row.rstrip(" |").rsplit("| ", 1)[1] for row in table[2:]} == {"127.0.0.3", "127.0.0.4"}
+    assert ray.is_initialized()  # the sweep did not shut down a cluster it did not start
 
 
 @pytest.mark.slow  # worker loss mid-step is in CI on one node (test_distributed)

@@ -26,7 +26,6 @@ from orchestrator.sweep import sweep
 from orchestrator.sweep_plan import plan, trial_names
 from orchestrator.sweep_report import TrialOutcome, comparison_plot, results_table
 
-from conftest import two_node_cluster
 
 STEPS = 8
 
@@ -292,19 +291,3 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
     assert {"sweep_results.md", "best_config.yaml", "plots/sweep_comparison.png"} <= set(files)
     table = (tmp_path / "runs" / "asha" / "sweep_results.md").read_text()
     assert table.splitlines()[0].startswith("| run | config | outer.lr | status |")
-
-
-@pytest.mark.slow  # placement groups on one node stay in CI
-@pytest.mark.cluster
-def test_trials_spread_over_the_nodes_of_a_cluster(tmp_path, mlflow_store):
-    """A real 2-node cluster on 127.0.0.x (head without CPUs, 1 CPU per node): two trials at once, one per node."""
-    with two_node_cluster() as (c, _):
-        # In-process workers: each trial is one actor, of 1 CPU: a node's worth. Trials validate, so they are
-        # compared on val/loss (reported with its latest value between validations).
-        path = write_config(tmp_path, outer={"steps": 4}, workers={"learner_num_cpus": 1},
-                            eval={"every": 2, "val_tasks": 10})
-        assert main(["sweep", str(path), "--grid", "outer.lr=[0.01, 0.02]", "--address", c.address,
-                     "--max-concurrent", "2", "--name", "spread", "--experiment", "sweep-spread"]) == 0
-    table = (tmp_path / "runs" / "spread" / "sweep_results.md").read_text().splitlines()
-    assert "| val/loss |" in table[0] and table[0].rstrip(" |").endswith("node")
-    assert {row.rstrip(" |").rsplit("| ", 1)[1] for row in table[2:]} == {"127.0.0.3", "127.0.0.4"}
