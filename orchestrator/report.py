@@ -20,9 +20,11 @@ from orchestrator.task_config import SineTaskConfig
 from orchestrator.evaluate import Results, curve_summaries, evaluate_all, table, to_csv, to_json
 from orchestrator.group import LocalGroup, WorkerGroup
 
+EVAL_FILE = "eval.json"  # a training run's test results, beside its checkpoint
+
 
 def evaluate_and_report(cfg: Config, algorithm: Algorithm, group: LocalGroup | WorkerGroup, theta: np.ndarray,
-                        tracker, step: int, out_dir: Path, out, name: str = "eval.json"
+                        tracker, step: int, out_dir: Path, out, name: str = EVAL_FILE
                         ) -> tuple[Results, dict[str, dict[str, np.ndarray]]]:
     """Score ``theta`` on every evaluation (the task and its probes); print, save, track. Returns the summaries
     and the per-task curves behind them."""

@@ -24,17 +24,18 @@ from orchestrator import checkpoint, plots
 from orchestrator.atomic import write_atomic
 from orchestrator.build import build_algorithm, build_tasks, check_tasks
 from orchestrator.config import Config
-from orchestrator.evaluate import Results, from_json, mean_ci, to_json
+from orchestrator.evaluate import Results, from_json, mean_ci
 from orchestrator.group import make_group
 from orchestrator.interrupts import Interrupted, StopSignals
 from orchestrator.learner import CentralLearner
-from orchestrator.report import evaluate_and_report
+from orchestrator.report import EVAL_FILE, evaluate_and_report
 from orchestrator.selection import BEST, ModelSelection, selection_for, validate
 from orchestrator.tracking import open_tracker
 from tasks.episode import EpisodeIds, Purpose
 
 HISTORY_PREFIXES = ("meta/", "inner/", "orchestrator/")
-# Written once a run's evaluation and artifacts are in: --resume of that same checkpoint has nothing left to do.
+# Written once a run's evaluation (EVAL_FILE) and artifacts are in: --resume of that same checkpoint has nothing
+# left to do.
 DONE = "done.json"
 OnStep = Callable[[int, dict[str, float], Callable[[], None]], bool]
 
@@ -134,10 +135,9 @@ def train_here(cfg: Config, resume: bool, evaluate: bool, out, parent_run_id: st
                     test_curve = mean_ci(curves["test"]["loss"])
                 if done is None:
                     _log_artifacts(cfg, algorithm, params, tracker, loop.history, first_step, learner.step)
-                    if results:
+                    if results:  # the results themselves are in EVAL_FILE, written by the evaluation
                         write_atomic(cfg.run_dir / DONE, json.dumps({
-                            "step": learner.step, "results": to_json(results),
-                            "test_curve": [c.tolist() for c in test_curve]}))
+                            "step": learner.step, "test_curve": [c.tolist() for c in test_curve]}))
             except Interrupted:
                 print(f"interrupted after training: the checkpoint at step {learner.step} is complete; evaluate it "
                       f"with `metaray eval {cfg.run_dir}`", file=out)
@@ -168,7 +168,8 @@ def _done(cfg: Config, step: int) -> tuple[Results, tuple[np.ndarray, np.ndarray
     saved = json.loads(path.read_text())
     if saved["step"] != step:
         return None
-    return from_json(saved["results"]), tuple(np.asarray(c) for c in saved["test_curve"])
+    results = from_json(json.loads((cfg.run_dir / EVAL_FILE).read_text()))
+    return results, tuple(np.asarray(c) for c in saved["test_curve"])
 
 
 def _starting_point(cfg: Config, resume: bool, out) -> checkpoint.Checkpoint | None:
