@@ -193,16 +193,20 @@ def floor_line(ray_setups: list[Setup]) -> str:
     s = max(ray_setups, key=lambda s: s.cfg.workers.share_count)
     n = s.cfg.workers.share_count
     ms = floor_ms(s.numel, n)
-    overhead = statistics.median(r["perf/step_s"] - r["perf/compute_s"] for r in s.rows) * 1e3
+    overhead = ray_overhead(s) * 1e3
     return (f"Ray's floor, {n} empty calls per step (benchmarks/ray_floor.py): plain actor calls {ms['plain']:.2f} ms "
             f"(metaray's '{s.name}' overhead above it: {overhead - ms['plain']:.2f} ms), compiled graph "
             f"{ms['compiled']:.2f} ms")
 
 
+def ray_overhead(s: Setup) -> float:
+    """Median seconds per step beyond the slowest share's compute (perf/step_s - perf/compute_s)."""
+    return statistics.median(r["perf/step_s"] - r["perf/compute_s"] for r in s.rows)
+
+
 def row(alg: str, s: Setup, mb: int, ref_step: float) -> str:
     step = s.median("perf/step_s")
-    overhead = statistics.median(r["perf/step_s"] - r["perf/compute_s"] for r in s.rows) \
-        if s.name.startswith("ray") else math.nan
+    overhead = ray_overhead(s) if s.name.startswith("ray") else math.nan
     crossing = 4 * s.numel * (1 + s.cfg.workers.share_count) if s.name.startswith("ray") else 0
     ms = lambda key: f"{s.median(key) * 1e3:.2f}" if s.group is not None else "-"  # noqa: E731
     return (f"{alg:<10}{s.name:<21}{mb / step:>9.0f}{ref_step / step:>7.2f}{step * 1e3:>8.2f}"
