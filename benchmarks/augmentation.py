@@ -28,7 +28,7 @@ import torch
 
 from learners.params import ParamSpec
 from orchestrator.config import parse_config
-from orchestrator.worker import TaskWorker
+from orchestrator.workers.worker import TaskWorker
 from tasks.episode import EpisodeIds
 from tasks.store_writer import StoreWriter
 

@@ -125,12 +125,12 @@ class Workload:
     width: int | None = None  # narrower backbones for --quick (None: Conv-4's 64, ResNet-12's 64-160-320-640)
 
     def parts(self, strategy: str):
-        from learners.classifier import Classifier
-        from learners.conv4 import Conv4
-        from learners.mlp import MLP
+        from learners.models.classifier import Classifier
+        from learners.models.conv4 import Conv4
+        from learners.models.mlp import MLP
+        from learners.models.resnet12 import ResNet12
         from learners.objective import MSE, CrossEntropy
         from learners.registry import Parts
-        from learners.resnet12 import ResNet12
 
         with torch.device("meta"):
             if self.family == "sine":
@@ -301,7 +301,7 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def qp_check(device: torch.device, quick: bool) -> list[str]:
     """The batched SVM dual on ``device`` against the CPU: solution difference and time."""
-    from learners.svm_head import svm_dual
+    from learners.heads.svm_head import svm_dual
 
     tasks, dim = (2, 64) if quick else (32, 16000)
     g = torch.Generator().manual_seed(0)

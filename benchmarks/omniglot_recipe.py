@@ -39,10 +39,10 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator import checkpoint
+from orchestrator import evaluate_checkpoint
 from orchestrator.config import apply_overrides, load_config, parse_config
-from orchestrator.run import evaluate_checkpoint
-from orchestrator.selection import BEST
+from orchestrator.run import checkpoint
+from orchestrator.run.selection import BEST
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "omniglot-protonet-20w1s.yaml"
@@ -100,7 +100,7 @@ def leg(store: str, folder: Path, seconds: float, val_every: int, resume: bool, 
     procs = {}
     try:
         for name, sets in runs.items():
-            cmd = [sys.executable, "-m", "orchestrator.cli", "train", str(CONFIG), *(["--resume"] if resume else [])]
+            cmd = [sys.executable, "-m", "orchestrator.cli.main", "train", str(CONFIG), *(["--resume"] if resume else [])]
             for s in sets:
                 cmd += ["--set", s]
             log = open(folder / f"{name}.log", "a")

@@ -69,11 +69,11 @@ def real_step_ms(config: str, steps: int = 60, rounds: int = 3) -> dict[str, flo
     import ray
     from ray.dag import InputNode, MultiOutputNode
 
+    from learners.params import ParamSpec
     from orchestrator.build import build_algorithm
     from orchestrator.config import load_config
-    from orchestrator.group import make_group
-    from orchestrator.messages import theta_message
-    from learners.params import ParamSpec
+    from orchestrator.workers.group import make_group
+    from orchestrator.workers.messages import theta_message
     from tasks.episode import EpisodeIds
 
     cfg = load_config(config, ["workers.mode=ray", "workers.num_workers=2", "tracking.enabled=false"])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import time
 
-from orchestrator import checkpoint
+from orchestrator import evaluate_checkpoint, train
 from orchestrator.config import Config
-from orchestrator.evaluate import to_json
-from orchestrator.interrupts import Interrupted
-from orchestrator.run import evaluate_checkpoint, train
+from orchestrator.run import checkpoint
+from orchestrator.run.evaluation import to_json
+from orchestrator.run.interrupts import Interrupted
 
 
 def train_or_reuse(cfg: Config) -> tuple[dict, str]:

@@ -34,8 +34,8 @@ from ray.cluster_utils import Cluster
 
 from orchestrator.build import build_algorithm
 from orchestrator.config import parse_config
-from orchestrator.group import WorkerGroup
-from orchestrator.learner import CentralLearner
+from orchestrator.run.central_learner import CentralLearner
+from orchestrator.workers.ray_group import WorkerGroup
 
 
 def generated_store(folder: Path) -> str:
@@ -43,7 +43,7 @@ def generated_store(folder: Path) -> str:
     import numpy as np
     from PIL import Image
 
-    from tasks.omniglot import convert_omniglot
+    from tasks.converters.omniglot import convert_omniglot
 
     rng = np.random.default_rng(0)
     src = folder / "images_background"

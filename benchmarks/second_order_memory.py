@@ -32,7 +32,7 @@ def point(method: str, steps: int, tasks: int, repeats: int) -> dict[str, float]
     """One measurement, in this (fresh) process."""
     import torch
 
-    from learners.conv4 import Conv4
+    from learners.models.conv4 import Conv4
     from learners.objective import CrossEntropy
     from learners.registry import Parts, variant
     from tasks.episode import EpisodeBatch

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from tasks.omniglot import convert_omniglot
+from tasks.converters.omniglot import convert_omniglot
 from tasks.store import ImageStore
 
 MB = 1024 * 1024

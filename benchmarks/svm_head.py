@@ -4,9 +4,9 @@ For each meta-batch shape (tasks x shot x embedding dim; 5-way, 15 queries per
 class) it times the head's forward and backward of the query cross-entropy,
 median of ``--repeats`` rounds (the paths alternate, see ``timed``), for
 
-- cvxpylayers (``learners.svm_cvxpy``: one Clarabel solve and one dense diffcp
+- cvxpylayers (``learners.heads.svm_cvxpy``: one Clarabel solve and one dense diffcp
   derivative per task, float64, always on CPU: diffcp is a CPU library);
-- the fast path (``learners.svm_head``: the batched QP of ``learners.qp``,
+- the fast path (``learners.heads.svm_head``: the batched QP of ``learners.heads.qp``,
   active-set steps with the interior point as fallback) at training settings:
   float32 embeddings, QP in float64, ``max_iter=15``, default tolerance, on ``--device``;
 
@@ -39,9 +39,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from learners.qp import solve_qp
-from learners.svm_cvxpy import svm_dual_cvxpy_gram, svm_logits_cvxpy
-from learners.svm_head import dual_readout, support_gram, svm_dual, svm_logits
+from learners.heads.qp import solve_qp
+from learners.heads.svm_cvxpy import svm_dual_cvxpy_gram, svm_logits_cvxpy
+from learners.heads.svm_head import dual_readout, support_gram, svm_dual, svm_logits
 
 
 def episode(tasks: int, n_way: int, shot: int, query: int, dim: int, seed: int):
@@ -55,9 +55,9 @@ def episode(tasks: int, n_way: int, shot: int, query: int, dim: int, seed: int):
 
 def trained_episode(run: str, tasks: int, n_way: int, shot: int, query: int):
     """Embeddings of ``tasks`` training episodes under the backbone of ``run``'s checkpoint, as ``episode``."""
-    from learners.classifier import embed
+    from learners.models.classifier import embed
     from orchestrator.build import build_model, build_tasks
-    from orchestrator.checkpoint import load
+    from orchestrator.run.checkpoint import load
     from tasks.episode import EpisodeIds
 
     ckpt = load(run)

@@ -49,9 +49,9 @@ def lrs(n: int) -> str:
 
 def sequential(path: Path, n: int, uri: str) -> float:
     """The old `metaray sweep`: every trial's config trained in turn, in this process, under one parent run."""
-    from orchestrator.run import train
-    from orchestrator.sweep_plan import plan
-    from orchestrator.tracking import open_tracker
+    from orchestrator import train
+    from orchestrator.sweep.plan import plan
+    from orchestrator.tracking.tracker import open_tracker
 
     p = plan([str(path)], grid=[f"outer.lr={lrs(n)}"], name="sequential", experiment="bench-sweep")
     p.folder.mkdir(parents=True)
@@ -71,7 +71,7 @@ def tuned(path: Path, n: int, concurrent: int, uri: str) -> tuple[float, float, 
     """Wall time with Ray Tune, the start-up + summary overhead, and the median time of one trial."""
     from mlflow import MlflowClient
 
-    from orchestrator.sweep import sweep
+    from orchestrator.sweep.tuner import sweep
 
     start = time.perf_counter()
     with open(path.parent / "tune.log", "w") as out:

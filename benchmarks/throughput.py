@@ -39,8 +39,8 @@ from torch.func import functional_call, grad, vmap
 
 from orchestrator.build import build_algorithm, build_model
 from orchestrator.config import Config, load_config
-from orchestrator.group import make_group
-from orchestrator.learner import CentralLearner
+from orchestrator.run.central_learner import CentralLearner
+from orchestrator.workers.group import make_group
 
 SETUPS = {
     "in-process vmap": ["workers.mode=inprocess", "workers.num_workers=1", "algorithm.strategy=vmap"],

@@ -24,9 +24,9 @@ import torch
 
 from orchestrator.build import build_algorithm
 from orchestrator.config import parse_config
-from orchestrator.group import LocalGroup
-from orchestrator.learner import CentralLearner
-from orchestrator.tracking import MlflowTracker, NullTracker
+from orchestrator.run.central_learner import CentralLearner
+from orchestrator.tracking.tracker import MlflowTracker, NullTracker
+from orchestrator.workers.group import LocalGroup
 
 
 def run_block(cfg, tracker, steps: int) -> tuple[float, float, int]:

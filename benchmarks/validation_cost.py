@@ -1,6 +1,6 @@
 """What validation while training costs: mean meta-step time, mean validation time, overhead per ``eval.every``.
 
-Runs a short real training (``orchestrator.run.train``, in-process, one torch thread: what one worker with
+Runs a short real training (``orchestrator.run.recipe.train``, in-process, one torch thread: what one worker with
 ``num_cpus: 1`` does) of each config on a synthetic Omniglot-shaped store, validating every ``--every`` steps,
 tracked in a throw-away MLflow store. The run logs ``perf/step_s`` at every meta-step and ``perf/val_s`` at every
 validation; both are read back from MLflow. The overhead of validating every E steps is
@@ -28,8 +28,8 @@ import torch
 from augmentation import synthetic_omniglot
 from mlflow import MlflowClient
 
+from orchestrator import train
 from orchestrator.config import load_config
-from orchestrator.run import train
 
 EVERY = (10, 50, 100, 500, 1000, 2000)
 

@@ -16,7 +16,7 @@ class Objective(Protocol):
 
     def metrics(self, pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
-    # Optional, for task-batched predictions [T, N, ...] (learners.maml_batched): ``loss`` and ``metrics`` of
+    # Optional, for task-batched predictions [T, N, ...] (learners.algorithms.maml_batched): ``loss`` and ``metrics`` of
     # each task, [T] each. task_losses(pred, y) -> Tensor; task_metrics(pred, y) -> dict[str, Tensor].
 
 

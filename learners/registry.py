@@ -69,6 +69,7 @@ class Parts:
     strategy: Strategy  # "vmap" or "loop" ("auto" already resolved)
 
 
+DEFAULT_ALGORITHM = "maml"  # an algorithm section without ``name``
 _VARIANTS: dict[str, type[AlgorithmConfig]] = {}
 _discovered = False
 
@@ -93,8 +94,8 @@ def variants() -> dict[str, type[AlgorithmConfig]]:
         _discovered = True
         import learners
 
-        for info in pkgutil.iter_modules(learners.__path__):
-            importlib.import_module(f"learners.{info.name}")
+        for info in pkgutil.walk_packages(learners.__path__, "learners."):
+            importlib.import_module(info.name)
     return dict(sorted(_VARIANTS.items()))
 
 

@@ -10,7 +10,7 @@ Two ways to sum over tasks:
 - ``sum_over_tasks(task_fn, ...)``: ``task_fn`` returns each task's gradient (vmap batches it, a loop
   runs it task by task); any algorithm, e.g. Reptile's θ − φ.
 - ``sum_of_losses(batched, ...)``: for a function that computes every task's loss at once without vmap
-  (``learners.maml_batched``): ONE backward of their sum, cheaper than a gradient per task. (One
+  (``learners.algorithms.maml_batched``): ONE backward of their sum, cheaper than a gradient per task. (One
   backward through ``vmap`` of a per-task loss with an inner ``torch.func.grad`` is not an option: on
   PyTorch 2.13 it is ~1% off for Conv-4's batch norm, second order; ``tests/test_hot_path.py``.)
 

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from learners.algorithm import Algorithm
-from learners.classifier import Classifier
-from learners.conv4 import Conv4
-from learners.mlp import MLP
+from learners.models.classifier import Classifier
+from learners.models.conv4 import Conv4
+from learners.models.mlp import MLP
+from learners.models.resnet12 import ResNet12
 from learners.objective import MSE, CrossEntropy, Objective
 from learners.registry import Parts
-from learners.resnet12 import ResNet12
 from orchestrator.config import Config, ConfigError
-from orchestrator.task_config import ImageTaskConfig, SineTaskConfig, TaskConfig
+from orchestrator.config.task import ImageTaskConfig, SineTaskConfig, TaskConfig
 from tasks.episode import TaskSource
 from tasks.sine import SineTasks
 

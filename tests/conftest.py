@@ -3,9 +3,9 @@ session leaves no process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import contextlib
 import os
 import signal
 import time
@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from orchestrator.config import Config, parse_config
-
 
 SESSION_MARK = "METARAY_TEST_SESSION"  # in the environment of every process the session starts
 
@@ -120,7 +119,7 @@ def drill(monkeypatch):
     """``drill(worker=1, step=2, action="exit")`` makes that Ray worker fail on purpose (METARAY_FAULT_DRILL)."""
     import json
 
-    from orchestrator.worker import DRILL_ENV
+    from orchestrator.workers.faults import DRILL_ENV
 
     def set_drill(**spec):
         monkeypatch.setenv(DRILL_ENV, json.dumps(spec))

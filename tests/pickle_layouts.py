@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.cifar_splits import CIFAR_FS, FC100
+from tasks.converters.cifar_splits import CIFAR_FS, FC100
 
 FINE_NAMES = sorted(n for names in CIFAR_FS.values() for n in names)  # CIFAR-100's meta lists them alphabetically
 COARSE_NAMES = sorted(n for names in FC100.values() for n in names)

@@ -10,7 +10,7 @@ import torch
 from learners.params import ParamSpec
 from orchestrator.build import build_algorithm, build_tasks, check_tasks
 from orchestrator.config import ConfigError, parse_config
-from orchestrator.worker import TaskWorker
+from orchestrator.workers.worker import TaskWorker
 from tasks.episode import EpisodeIds, Purpose
 from tasks.store import DataError
 from tasks.store_writer import StoreWriter
@@ -127,7 +127,7 @@ def test_data_errors_name_the_key_and_the_split_all_in_one_line(store, tmp_path)
 
 
 def test_a_store_with_altered_pixels_does_not_train(store, tmp_path):
-    from orchestrator.run import train
+    from orchestrator import train
 
     data = bytearray(store.read_bytes())
     from tasks.store import ImageStore

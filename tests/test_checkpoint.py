@@ -4,13 +4,12 @@ import os
 
 import pytest
 import torch
-
-from orchestrator import checkpoint
-from orchestrator.checkpoint import CheckpointError
-from orchestrator.cli import main
-from orchestrator.run import train
-
 from conftest import tiny_config
+
+from orchestrator import train
+from orchestrator.cli.main import main
+from orchestrator.run import checkpoint
+from orchestrator.run.checkpoint import CheckpointError
 
 
 def save(path, cfg, params, step=1, faults=0):

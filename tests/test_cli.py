@@ -1,7 +1,7 @@
 """The command line's own checks: --version, and `metaray ui` refusing what it cannot serve (one line, exit 2,
 nothing created). `metaray ui` serving a store and stopping its server is tested in test_tracking.py."""
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 
 
 def test_version(capsys):

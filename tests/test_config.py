@@ -1,17 +1,17 @@
 """Config validation and the CLI's handling of user mistakes (exit 2, one line naming the key)."""
 
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from orchestrator.config import ConfigError, load_config, parse_config
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli.main", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=120)
 
 

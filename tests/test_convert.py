@@ -16,9 +16,9 @@ from image_layouts import (
     zip_folder,
 )
 
-from tasks.imagefolder import convert_imagefolder
-from tasks.miniimagenet import convert_miniimagenet
-from tasks.omniglot import convert_omniglot
+from tasks.converters.imagefolder import convert_imagefolder
+from tasks.converters.miniimagenet import convert_miniimagenet
+from tasks.converters.omniglot import convert_omniglot
 from tasks.store import DataError, ImageStore
 
 

@@ -8,14 +8,14 @@ import pickle
 import numpy as np
 import pytest
 from image_layouts import leftovers
-from PIL import Image
 from pickle_layouts import COARSE_NAMES, FINE_NAMES, Exploit, cifar100, dump, png, tar_gz, tiered
+from PIL import Image
 
-from tasks.cifar import convert_cifar_fs, convert_fc100
-from tasks.cifar_splits import CIFAR_FS, FC100
+from tasks.converters.cifar import convert_cifar_fs, convert_fc100
+from tasks.converters.cifar_splits import CIFAR_FS, FC100
+from tasks.converters.tieredimagenet import convert_tieredimagenet
 from tasks.splits import split_classes
 from tasks.store import DataError, ImageStore
-from tasks.tieredimagenet import convert_tieredimagenet
 
 
 @pytest.fixture(scope="module")

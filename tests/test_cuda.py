@@ -10,12 +10,12 @@ import warnings
 import pytest
 import torch
 
-from learners.conv4 import Conv4
-from learners.maml import MAML
-from learners.mlp import MLP
+from learners.algorithms.maml import MAML
+from learners.algorithms.protonet import ProtoNet
+from learners.heads.svm_head import svm_dual
+from learners.models.conv4 import Conv4
+from learners.models.mlp import MLP
 from learners.objective import MSE, CrossEntropy
-from learners.protonet import ProtoNet
-from learners.svm_head import svm_dual
 from tasks.episode import EpisodeBatch, EpisodeIds, transfer
 from tasks.sine import SineTasks
 

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import ray
 import torch
-
-from orchestrator.build import build_algorithm
-from orchestrator.evaluate import evaluate
-from orchestrator.group import LocalGroup, WorkerGroup
-from orchestrator.learner import CentralLearner
-from orchestrator.run import train
-
 from conftest import flat, tiny_config
+
+from orchestrator import train
+from orchestrator.build import build_algorithm
+from orchestrator.run.central_learner import CentralLearner
+from orchestrator.run.evaluation import evaluate
+from orchestrator.workers.group import LocalGroup
+from orchestrator.workers.ray_group import WorkerGroup
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -60,7 +60,7 @@ def test_worker_process_exiting_mid_step_changes_nothing(cfg_ray, tmp_path, dril
     assert faulty.faults >= 1 and any("worker 1 died" in e for e in faulty.fault_events)
     assert torch.equal(flat(clean.params), flat(faulty.params))
     # The count survives in the checkpoint (the run's output).
-    from orchestrator import checkpoint
+    from orchestrator.run import checkpoint
 
     assert checkpoint.load(faulty_cfg.run_dir).faults["count"] >= 1
 

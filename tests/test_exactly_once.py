@@ -11,14 +11,15 @@ import time
 
 import pytest
 import yaml
-from mlflow import MlflowClient
-
-from orchestrator import checkpoint, metric_log, run
-from orchestrator.cli import main
-from orchestrator.run import train
-
 from conftest import tiny_config
+from mlflow import MlflowClient
 from mlflow_server import MlflowServer
+
+from orchestrator import train
+from orchestrator.cli.main import main
+from orchestrator.run import checkpoint
+from orchestrator.run import recipe as run
+from orchestrator.tracking import metric_log
 
 STEPS = 600
 PER_STEP = ("meta/loss", "inner/loss_before", "inner/loss_after", "perf/step_s", "orchestrator/faults")
@@ -52,12 +53,12 @@ def start_training(tmp_path, config: str) -> subprocess.Popen:
     log = open(tmp_path / "train.log", "ab")
     # One torch thread: the run's writer process must not be the only thing left without a core.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", config], stdout=log, stderr=log,
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "train", config], stdout=log, stderr=log,
                             env=env)
 
 
 def resume(tmp_path, config: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", config, "--resume"],
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli.main", "train", config, "--resume"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process evaluation 
 
 def metaray(*args, cwd) -> subprocess.Popen:
     """``metaray *args`` started in ``cwd``, its output captured; see ``finished``."""
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cwd)
 
 
@@ -65,8 +65,8 @@ def untrained_test_loss(cfg: dict) -> float:
     from learners.params import ParamSpec
     from orchestrator.build import build_algorithm
     from orchestrator.config import parse_config
-    from orchestrator.evaluate import evaluate_all
-    from orchestrator.group import LocalGroup
+    from orchestrator.run.evaluation import evaluate_all
+    from orchestrator.workers.group import LocalGroup
 
     config = parse_config({**cfg, "eval": {**cfg["eval"], "steps": [0]}})  # the same episodes, no fine-tuning
     params = build_algorithm(config).init_params(config.run.seed)

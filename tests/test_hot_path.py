@@ -12,16 +12,15 @@ import pytest
 import torch
 from torch.func import vmap
 
-from learners.conv4 import Conv4
-from learners.finetune import Transfer
-from learners.maml import MAML
-from learners.maml_batched import batched_losses
-from learners.mlp import MLP
+from learners.algorithms.finetune import Transfer
+from learners.algorithms.maml import MAML
+from learners.algorithms.protonet import ProtoNet
+from learners.algorithms.reptile import Reptile
+from learners.models.conv4 import Conv4
+from learners.models.mlp import MLP
 from learners.objective import MSE, CrossEntropy
-from learners.protonet import ProtoNet
-from learners.reptile import Reptile
-from learners.strategy import TASK_AXES, gradient_of, sum_of_losses, sum_over_tasks
-from orchestrator.messages import INLINE_BYTES, TaskResult, theta_array, theta_message
+from learners.strategy import TASK_AXES, sum_of_losses
+from orchestrator.workers.messages import INLINE_BYTES, TaskResult, theta_array, theta_message
 from tasks.episode import EpisodeBatch, EpisodeIds, Purpose, episode_uniforms, transfer
 from tasks.sine import SineTasks
 
@@ -65,7 +64,7 @@ def test_task_batched_maml_equals_vmap_over_per_task_losses(variant):
     params = {k: v.double().requires_grad_() for k, v in alg.init_params(1).items()}
     batch = sine()
     tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-    fast = batched_losses(alg)
+    fast = alg.task_batched_losses()
     assert fast is not None
     got_losses, got_stats = fast(params, *tensors)
     want_losses, want_stats = vmap(alg.task_loss, in_dims=TASK_AXES)(params, *tensors)
@@ -79,26 +78,44 @@ def test_task_batched_maml_equals_vmap_over_per_task_losses(variant):
 
 def test_fast_path_only_where_it_is_the_same_algorithm():
     model = mlp()
-    assert batched_losses(MAML(model, MSE())) is not None
-    assert batched_losses(Reptile(model, MSE())) is None  # subclasses compute something else
-    assert batched_losses(Transfer(model, MSE())) is None
+    assert MAML(model, MSE()).task_batched_losses() is not None
+    assert Reptile(model, MSE()).task_batched_losses() is None  # subclasses compute something else
+    assert Transfer(model, MSE()).task_batched_losses() is None
+    assert MAML(model, MSE(), loss_weights=(0.5, 0.5), inner_steps=2).task_batched_losses() is None  # MAML++
     with torch.device("meta"):
         conv = Conv4(1, 28, 5, 8)
-    assert batched_losses(MAML(conv, CrossEntropy())) is None  # no forward_tasks: vmap
+    assert MAML(conv, CrossEntropy()).task_batched_losses() is None  # no forward_tasks: vmap
 
 
-def test_meta_gradient_is_the_sum_of_per_task_gradients():
-    # vmap: one backward of the task-batched losses; loop: a gradient per task. Against an explicit per-task sum.
-    for strategy in ("vmap", "loop"):
-        alg = MAML(mlp(), MSE(), inner_steps=2, inner_lr=0.05, strategy=strategy)
-        params = {k: v.double() for k, v in alg.init_params(2).items()}
-        batch = sine(tasks=4)
-        got = alg.meta_gradient(params, batch)
-        oracle = sum_over_tasks(gradient_of(alg.task_loss), params, batch, "loop")
-        assert (got.tasks, got.dropped, got.per_task_finite) == (4, 0, [True] * 4)
-        close(got.grads, oracle.grads, rtol=1e-10, atol=1e-12)
-        assert got.stats.keys() == oracle.stats.keys()
-        assert all(math.isclose(got.stats[k], oracle.stats[k], rel_tol=1e-10) for k in got.stats)
+def per_task_autograd(alg, params: dict, batch: EpisodeBatch) -> tuple[dict, dict]:
+    """The oracle: one ``torch.autograd.grad`` per task of its meta-loss, summed by hand (no torch.func, no
+    metaray reduction)."""
+    grads = {k: torch.zeros_like(v) for k, v in params.items()}
+    stats: dict[str, float] = {}
+    for t in range(len(batch.support_x)):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        loss, task_stats = alg.task_loss(leaves, batch.support_x[t], batch.support_y[t], batch.query_x[t],
+                                         batch.query_y[t])
+        for k, g in zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)):
+            if g is not None:
+                grads[k] += g
+        for k, v in task_stats.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+    return grads, stats
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_meta_gradient_is_the_sum_of_per_task_gradients(strategy):
+    # vmap: one backward of the task-batched losses; loop: a gradient per task. Against a hand-written per-task sum.
+    alg = MAML(mlp(), MSE(), inner_steps=2, inner_lr=0.05, strategy=strategy)
+    params = {k: v.double() for k, v in alg.init_params(2).items()}
+    batch = sine(tasks=4)
+    got = alg.meta_gradient(params, batch)
+    grads, stats = per_task_autograd(alg, params, batch)
+    assert (got.tasks, got.dropped, got.per_task_finite) == (4, 0, [True] * 4)
+    close(got.grads, grads, rtol=1e-10, atol=1e-12)
+    assert got.stats.keys() == stats.keys()
+    assert all(math.isclose(got.stats[k], stats[k], rel_tol=1e-10) for k in got.stats)
 
 
 def test_a_task_whose_loss_is_finite_but_gradient_is_not_is_found_and_dropped():

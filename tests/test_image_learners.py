@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
-
-from learners.conv4 import Conv4
-from learners.maml import MAML
-from learners.objective import CrossEntropy
-from learners.protonet import ProtoNet, prototype_head
-from tasks.episode import EpisodeBatch
-
 from conftest import assert_directional_derivative
+
+from learners.algorithms.maml import MAML
+from learners.algorithms.protonet import ProtoNet, prototype_head
+from learners.models.conv4 import Conv4
+from learners.objective import CrossEntropy
+from tasks.episode import EpisodeBatch
 
 
 def conv4(n_way=5, size=16, width=8, channels=1):

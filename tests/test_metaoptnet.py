@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
-
-from learners.conv4 import Conv4
-from learners.inner_loop import adaptation_curves
-from learners.metaoptnet import MetaOptNet
-from learners.objective import CrossEntropy
-
 from conftest import assert_directional_derivative, flat, tiny_config
 from test_image_learners import separable_batch
+
+from learners.algorithms.metaoptnet import MetaOptNet
+from learners.inner_loop import adaptation_curves
+from learners.models.conv4 import Conv4
+from learners.objective import CrossEntropy
 
 
 def tiny(head="svm", **kw):
@@ -87,9 +86,10 @@ def test_ray_equals_in_process_on_a_real_store(tmp_path, ray_local, name):
     from image_layouts import omniglot_folder
 
     from orchestrator.build import build_algorithm
-    from orchestrator.group import LocalGroup, WorkerGroup
-    from orchestrator.learner import CentralLearner
-    from tasks.omniglot import convert_omniglot
+    from orchestrator.run.central_learner import CentralLearner
+    from orchestrator.workers.group import LocalGroup
+    from orchestrator.workers.ray_group import WorkerGroup
+    from tasks.converters.omniglot import convert_omniglot
 
     convert_omniglot([omniglot_folder(tmp_path / "src", {"A": 5, "B": 5}, drawings=4)], tmp_path / "s.arrow",
                      size=16)

@@ -10,13 +10,13 @@ import time
 import pytest
 import ray
 import torch
+from conftest import flat, tiny_config, two_node_cluster
 
 from orchestrator.build import build_algorithm
-from orchestrator.cli import main
-from orchestrator.group import LocalGroup, WorkerGroup
-from orchestrator.learner import CentralLearner
-
-from conftest import flat, tiny_config, two_node_cluster
+from orchestrator.cli.main import main
+from orchestrator.run.central_learner import CentralLearner
+from orchestrator.workers.group import LocalGroup
+from orchestrator.workers.ray_group import WorkerGroup
 
 pytestmark = pytest.mark.cluster
 
@@ -133,7 +133,7 @@ def test_image_store_missing_on_the_nodes_is_shipped_once_per_node(tmp_path, mon
     the store reaches them through the object store, one copy per node."""
     from image_layouts import omniglot_folder
 
-    from tasks.omniglot import convert_omniglot
+    from tasks.converters.omniglot import convert_omniglot
 
     folder = omniglot_folder(tmp_path / "src", {"Alpha": 4, "Beta": 4}, drawings=4)
     convert_omniglot([folder], tmp_path / "driver" / "omni.arrow", size=16)

@@ -7,6 +7,7 @@ from typing import Literal
 
 import pytest
 import torch
+from conftest import flat, tiny_config
 from pydantic import PositiveFloat
 from torch.func import functional_call, grad
 
@@ -14,11 +15,9 @@ from learners.objective import query_stats
 from learners.params import init_params, materialize
 from learners.registry import AlgorithmConfig, Parts, register, variants
 from learners.strategy import sum_over_tasks
+from orchestrator import train
 from orchestrator.build import build_algorithm
 from orchestrator.config import ConfigError, parse_config
-from orchestrator.run import train
-
-from conftest import flat, tiny_config
 
 
 @dataclass

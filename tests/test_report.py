@@ -7,13 +7,12 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from mlflow import MlflowClient
 
-from orchestrator.evaluate import curve_summaries, summarize, table
-from orchestrator.plots import learning_curves
-from orchestrator.run import evaluate_checkpoint, train
-
-from conftest import tiny_config
+from orchestrator import evaluate_checkpoint, train
+from orchestrator.run.evaluation import curve_summaries, summarize, table
+from orchestrator.tracking.plots import learning_curves
 
 
 def test_diverged_tasks_are_counted_and_left_out_of_the_mean():

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
+from learners.heads.svm_head import svm_logits
+from learners.models.resnet12 import ResNet12
 from learners.params import init_params, materialize
-from learners.resnet12 import ResNet12
-from learners.svm_head import svm_logits
 
 SMALL = (8, 12, 16, 20)  # narrow widths keep the functional tests fast on CPU
 

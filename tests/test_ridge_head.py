@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from learners.ridge_head import ridge_dual, ridge_logits
+from learners.heads.ridge_head import ridge_dual, ridge_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

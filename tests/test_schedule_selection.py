@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
+from conftest import flat, tiny_config
 from mlflow import MlflowClient
 
-from orchestrator import checkpoint
+from orchestrator import train
 from orchestrator.config import ConfigError, parse_config
-from orchestrator.run import train
-from orchestrator.selection import BEST, ModelSelection
-
-from conftest import flat, tiny_config
+from orchestrator.run import checkpoint
+from orchestrator.run.selection import BEST, ModelSelection
 
 
 def torch_rates(scheduler_cls, steps, **kw):

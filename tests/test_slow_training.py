@@ -2,8 +2,8 @@
 
 import pytest
 
+from orchestrator import train
 from orchestrator.config import load_config
-from orchestrator.run import train
 
 pytestmark = pytest.mark.slow
 

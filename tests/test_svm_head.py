@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from learners.mlp import MLP
+from learners.heads.qp import kkt_residuals, solve_qp
+from learners.heads.svm_cvxpy import svm_dual_cvxpy_gram, svm_logits_cvxpy
+from learners.heads.svm_head import one_hot, support_gram, svm_dual, svm_logits
+from learners.models.mlp import MLP
 from learners.params import init_params
-from learners.qp import kkt_residuals, solve_qp
-from learners.svm_cvxpy import svm_dual_cvxpy_gram, svm_logits_cvxpy
-from learners.svm_head import one_hot, support_gram, svm_dual, svm_logits
 
 TIGHT = {"max_iter": 60, "tol": 1e-12}
 pytestmark = [pytest.mark.usefixtures("one_thread"),

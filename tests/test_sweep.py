@@ -17,15 +17,14 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from orchestrator import checkpoint
-from orchestrator.cli import main
+from orchestrator import train
+from orchestrator.cli.main import main
 from orchestrator.config import load_config
-from orchestrator.run import train
-from orchestrator.search_space import expand, parse_search
+from orchestrator.run import checkpoint
 from orchestrator.sweep import sweep
-from orchestrator.sweep_plan import plan, trial_names
-from orchestrator.sweep_report import TrialOutcome, comparison_plot, results_table
-
+from orchestrator.sweep.plan import plan, trial_names
+from orchestrator.sweep.report import TrialOutcome, comparison_plot, results_table
+from orchestrator.sweep.search_space import expand, parse_search
 
 STEPS = 8
 
@@ -144,7 +143,7 @@ def test_sweep_rejects_every_bad_config_before_running(tmp_path, capsys):
 
 
 def test_plan_sets_each_trial_apart_and_sizes_its_placement_group(tmp_path):
-    from orchestrator.sweep_trial import placement
+    from orchestrator.sweep.trial import placement
 
     p = plan([str(write_config(tmp_path))], ["workers.mode=ray"],
              search=["workers.num_workers=grid([1, 3])", "outer.lr=uniform(0.001, 0.1)"], name="planned")
@@ -184,7 +183,7 @@ def test_comparison_plot_marks_a_diverged_trial_instead_of_stretching_the_axes()
 
 
 def test_register_makes_the_best_trials_model_a_registry_version(tmp_path, mlflow_store, capsys):
-    from orchestrator.sweep_report import register_best
+    from orchestrator.sweep.report import register_best
 
     p = plan([str(write_config(tmp_path))], name="reg")
     client = MlflowClient(mlflow_store)
@@ -245,7 +244,7 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
             "--max-concurrent", "1", "--name", "asha", "--experiment", "sweep-asha", "--address", address]
     out = tmp_path / "first.out"
     with open(out, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=f,
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", *args], stdout=f,
                                 stderr=subprocess.STDOUT, cwd=tmp_path)
     # Interrupt once the third trial is past its Tune checkpoint at step 4 (it cannot finish before Tune sees
     # the signal: each of its reports waits for Tune's loop).

@@ -14,19 +14,19 @@ import urllib.request
 import mlflow
 import pytest
 import torch
+from conftest import tiny_config
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
-
-from orchestrator import checkpoint, metric_log
-from orchestrator.cli import main
-from orchestrator.delivery import Delivery, mlflow_delivery
-from orchestrator.metric_log import MetricLog
-from orchestrator.metric_writer import MetricProcess
-from orchestrator.run import train
-from orchestrator.tracking import EXPERIMENT_KIND, MODEL_TRAINING, register
-
-from conftest import tiny_config
 from mlflow_server import MlflowServer, free_port
+
+from orchestrator import train
+from orchestrator.cli.main import main
+from orchestrator.run import checkpoint
+from orchestrator.tracking import metric_log
+from orchestrator.tracking.delivery import Delivery, mlflow_delivery, register
+from orchestrator.tracking.metric_log import MetricLog
+from orchestrator.tracking.tracker import EXPERIMENT_KIND, MODEL_TRAINING
+from orchestrator.tracking.writer import MetricProcess
 
 PER_STEP = ("meta/loss", "inner/loss_before", "inner/loss_after", "perf/tasks_per_s", "perf/step_s",
             "perf/compute_s", "orchestrator/faults", "orchestrator/dropped_tasks")
@@ -209,11 +209,11 @@ import json, os, sys, time
 uri, go, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 if cfg:
     from orchestrator.config import parse_config
-    from orchestrator.tracking import MlflowTracker
+    from orchestrator.tracking.tracker import MlflowTracker
     cfg = parse_config(cfg)
 else:
     from mlflow import MlflowClient
-    from orchestrator.sqlite_store import first_touch
+    from orchestrator.tracking.store import first_touch
 while not os.path.exists(go):
     time.sleep(0.005)
 if cfg:
@@ -265,7 +265,7 @@ def test_default_store_is_local_sqlite_and_ui_serves_it(tmp_path, monkeypatch):
     assert steps_of(client, run.info.run_id, "meta/loss") == [0, 1, 2]
 
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)], cwd=tmp_path,
+    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "ui", "--port", str(port)], cwd=tmp_path,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         body, deadline = None, time.monotonic() + 180

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from orchestrator.messages import theta_message
-from orchestrator.worker import TaskWorker, placement
-from tasks.episode import EpisodeIds
-
 from conftest import flat, tiny_config
+
+from orchestrator.workers.messages import theta_message
+from orchestrator.workers.worker import TaskWorker, placement
+from tasks.episode import EpisodeIds
 
 
 def test_placement_follows_the_config_and_caps_a_fractional_gpu():

@@ -1,0 +1,42 @@
+"""What a run holds open, its tracker and its worker group, closed together and once, with the run's end status.
+
+    with Services(tracker, out) as services:
+        group = services.start_workers(cfg)
+        ...                                  # FINISHED when the block ends, KILLED on a stop, FAILED on an error
+
+The status is the MLflow run's end: ``KeyboardInterrupt`` (Ctrl-C, and ``Interrupted``: SIGTERM at a step
+boundary) is KILLED, any other exception FAILED. What the tracker could not deliver is said in one line.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from orchestrator.config import Config
+from orchestrator.tracking.tracker import MlflowTracker, NullTracker
+from orchestrator.workers.group import Group, make_group
+
+
+class Services:
+    def __init__(self, tracker: MlflowTracker | NullTracker, out=None):
+        self.tracker = tracker
+        self.group: Group | None = None
+        self.out = out
+
+    def start_workers(self, cfg: Config) -> Group:
+        self.group = make_group(cfg)
+        return self.group
+
+    def __enter__(self) -> Services:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+        try:
+            if self.group is not None:
+                self.group.close()
+        finally:
+            undelivered = self.tracker.close(status)
+            if undelivered:
+                print(undelivered, file=self.out)
