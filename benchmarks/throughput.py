@@ -19,7 +19,7 @@ which includes torch.compile's compilation.
 
     python benchmarks/throughput.py                                   # sine MAML, meta-batch 25
     python benchmarks/throughput.py --generated-store --config configs/omniglot-maml-5w1s.yaml \\
-        --algorithms maml,protonet --meta-batch 8 --steps 3 --rounds 3 --setups "in-process loop"
+        --algorithms maml,fomaml --meta-batch 8 --steps 3 --rounds 3 --setups "in-process loop"
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The contract every meta-learning algorithm meets (see DESIGN.md, "Algorithm").
+"""The contract every meta-learning algorithm meets (docs/design.md, "Algorithms are pure in θ").
 
 An algorithm is pure with respect to the meta-parameters: parameters in,
 new parameters or gradients out, never mutated.

@@ -1,4 +1,4 @@
-"""The inner update rule: how one task's parameters move on a support-set gradient (the pluggable piece of DESIGN.md).
+"""The inner update rule: how one task's parameters move on a support-set gradient (a pluggable piece).
 
 One rule, three ways to choose the step size, each a published algorithm::
 
