@@ -100,7 +100,7 @@ def leg(store: str, folder: Path, seconds: float, val_every: int, resume: bool, 
     procs = {}
     try:
         for name, sets in runs.items():
-            cmd = [sys.executable, "-m", "orchestrator.cli.main", "train", str(CONFIG), *(["--resume"] if resume else [])]
+            cmd = [sys.executable, "-m", "orchestrator.cli", "train", str(CONFIG), *(["--resume"] if resume else [])]
             for s in sets:
                 cmd += ["--set", s]
             log = open(folder / f"{name}.log", "a")

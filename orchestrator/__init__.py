@@ -3,7 +3,7 @@
 The public API, imported on first use (so that ``import orchestrator.config`` stays light)::
 
     from orchestrator import evaluate_checkpoint, load_config, train
-    from orchestrator.sweep import sweep
+    from orchestrator.sweep.tuner import sweep
     result = train(load_config("configs/sine-maml.yaml", ["outer.steps=100"]))
 
 Subpackages, each one concept, with arrows running one way (``cli`` -> ``sweep`` -> ``run`` -> ``workers`` ->

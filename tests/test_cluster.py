@@ -271,7 +271,7 @@ def test_kuberay_rayjob():
 
     # The entrypoint is a valid metaray command: an existing config, overrides the config accepts.
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:4] == ["python", "-m", "orchestrator.cli.main", "train"]
+    assert argv[:4] == ["python", "-m", "orchestrator.cli", "train"]
     config_path, rest = argv[4], argv[5:]
     overrides = [rest[i + 1] for i in range(0, len(rest), 2) if rest[i] == "--set"]
     assert len(overrides) * 2 == len(rest)

@@ -21,10 +21,10 @@ from orchestrator import train
 from orchestrator.cli.main import main
 from orchestrator.config import load_config
 from orchestrator.run import checkpoint
-from orchestrator.sweep import sweep
 from orchestrator.sweep.plan import plan, trial_names
 from orchestrator.sweep.report import TrialOutcome, comparison_plot, results_table
 from orchestrator.sweep.search_space import expand, parse_search
+from orchestrator.sweep.tuner import sweep
 
 STEPS = 8
 
@@ -244,7 +244,7 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
             "--max-concurrent", "1", "--name", "asha", "--experiment", "sweep-asha", "--address", address]
     out = tmp_path / "first.out"
     with open(out, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", *args], stdout=f,
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=f,
                                 stderr=subprocess.STDOUT, cwd=tmp_path)
     # Interrupt once the third trial is past its Tune checkpoint at step 4 (it cannot finish before Tune sees
     # the signal: each of its reports waits for Tune's loop).

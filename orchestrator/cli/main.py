@@ -30,7 +30,6 @@ from orchestrator.run.checkpoint import CheckpointError
 from orchestrator.run.interrupts import Interrupted
 from orchestrator.run.launch import train
 from orchestrator.run.recipe import evaluate_checkpoint
-from orchestrator.sweep import sweep
 from orchestrator.sweep.plan import TRAINING_METRIC, VALIDATION_METRIC
 from orchestrator.tracking.delivery import deliver
 from orchestrator.tracking.store import DEFAULT_URI, TrackingError, store_file
@@ -178,6 +177,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator.sweep.tuner import sweep  # Ray Tune takes ~1 s to import: only for sweeps
+
     result = sweep(args.configs, args.overrides, args.grid, args.experiment, args.name, search=args.search,
                    samples=args.samples, max_concurrent=args.max_concurrent, scheduler=args.scheduler,
                    metric=args.metric, mode=args.mode, resume=args.resume, register=args.register)

@@ -1,6 +1,5 @@
 """Sweeps on Ray Tune: ``tuner.sweep`` plans the trials (``plan``, ``search_space``), runs each as a normal run
-inside a Tune trial (``trial``) and summarizes them in the parent MLflow run (``report``)."""
+inside a Tune trial (``trial``) and summarizes them in the parent MLflow run (``report``).
 
-from orchestrator.sweep.tuner import SweepResult, sweep
-
-__all__ = ["SweepResult", "sweep"]
+    from orchestrator.sweep.tuner import sweep
+"""

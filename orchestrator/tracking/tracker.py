@@ -6,7 +6,7 @@ refuses the plain file store unless opted in); ``MLFLOW_TRACKING_URI`` or
 bad URI is a user error (exit 2). After that, tracking never kills training and
 never waits for the store: metrics are appended to the run's metric log on disk
 and artifacts to its queue (both in ``<run dir>/tracking/<run id>/``), and a writer
-process delivers them (``metric_writer``), holding them while the store is down.
+process delivers them (``writer``), holding them while the store is down.
 
 Exactly once: a checkpoint syncs the metric log first, so every metric up to the
 checkpoint's step is durable. A resumed run continues the same MLflow run (its id is
