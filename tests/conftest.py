@@ -4,7 +4,6 @@ session leaves no process behind."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import signal
@@ -82,21 +81,22 @@ def mlflow_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def _ray_session():
-    import ray
+    from orchestrator.workers.ray_session import shutdown
 
     yield
-    if ray.is_initialized():
-        ray.shutdown()
+    shutdown()
 
 
 @pytest.fixture
 def ray_local(_ray_session):
-    """A real embedded Ray (token auth on, as by default), shared by the tests until one needs another cluster."""
+    """A real embedded Ray as metaray starts it (on 127.0.0.1 only, token auth on as by default), shared by the
+    tests until one needs another cluster."""
     import ray
 
+    from orchestrator.workers.ray_session import start_embedded
+
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING,
-                 _node_ip_address="127.0.0.1")
+        start_embedded(max(2, os.cpu_count() or 1))
     return ray
 
 
@@ -181,8 +181,9 @@ def two_node_cluster(**head_args):
     import ray
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()
+    from orchestrator.workers.ray_session import shutdown
+
+    shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.2", **head_args})
     try:
         yield c, [c.add_node(num_cpus=1, node_ip_address=f"127.0.0.{3 + i}") for i in range(2)]

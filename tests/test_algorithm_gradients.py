@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_directional_derivative
 
+from conftest import assert_directional_derivative
 from learners.algorithms.finetune import Transfer
 from learners.algorithms.hypernet import HyperNetwork
 from learners.algorithms.maml import MAML

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import flat, tiny_config
 
+from conftest import flat, tiny_config
 from orchestrator.build import build_algorithm
 from orchestrator.run.central_learner import CentralLearner
 from orchestrator.workers.group import LocalGroup

@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from orchestrator import train
 from orchestrator.cli.main import main
 from orchestrator.run import checkpoint

@@ -30,7 +30,7 @@ def write_config(tmp_path, steps, mode="inprocess", name="run"):
 
 
 def metaray(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
                           timeout=300, **kw)
 
 
@@ -62,7 +62,7 @@ def test_hard_kill_then_resume_ends_at_the_same_theta(tmp_path):
 
     path = write_config(tmp_path, steps, name="killed")
     ckpt = tmp_path / "runs" / "killed" / "checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "train", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -89,7 +89,7 @@ def started(tmp_path, steps, at_step, mode="inprocess", **workers):
     data["run"].update({"checkpoint_every": 100000, "log_every": 1})
     data["workers"].update(workers)
     path.write_text(yaml.safe_dump(data))
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "train", str(path)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stdout:
@@ -129,7 +129,7 @@ def test_ctrl_c_during_evaluation_says_what_is_saved_and_marks_the_run_killed(tm
     data = yaml.safe_load(path.read_text())
     data["eval"] = {"tasks": 100000, "batch_tasks": 100, "steps": [0, 50]}  # long enough to be interrupted
     path.write_text(yaml.safe_dump(data))
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "train", str(path)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("step 2/2"):

@@ -11,7 +11,7 @@ from orchestrator.config import ConfigError, load_config, parse_config
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli.main", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=120)
 
 

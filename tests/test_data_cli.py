@@ -16,7 +16,7 @@ from tasks.store import ImageStore
 @pytest.mark.slow  # converters and their bad input: test_convert*.py in CI
 def test_the_command_converts_good_input_and_rejects_bad_input_in_one_line(tmp_path):
     src = zip_folder(omniglot_folder(tmp_path / "src", {"Greek": 2}), tmp_path / "images_background.zip")
-    command = [sys.executable, "-m", "orchestrator.cli.main", "data", "convert", "omniglot"]
+    command = [sys.executable, "-m", "orchestrator.cli", "data", "convert", "omniglot"]
     good = [*command, str(src), str(tmp_path / "o.arrow"), "--size", "12"]
     bad = [*command, str(tmp_path / "missing.zip"), str(tmp_path / "x.arrow")]
     # Both at once: each process pays the CLI's import time, the test only once.

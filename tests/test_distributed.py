@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import flat, tiny_config
 
+from conftest import flat, tiny_config
 from orchestrator import train
 from orchestrator.build import build_algorithm
 from orchestrator.run.central_learner import CentralLearner

@@ -11,10 +11,10 @@ import time
 
 import pytest
 import yaml
-from conftest import tiny_config
 from mlflow import MlflowClient
-from mlflow_server import MlflowServer
 
+from conftest import tiny_config
+from mlflow_server import MlflowServer
 from orchestrator import train
 from orchestrator.cli.main import main
 from orchestrator.run import checkpoint
@@ -53,12 +53,12 @@ def start_training(tmp_path, config: str) -> subprocess.Popen:
     log = open(tmp_path / "train.log", "ab")
     # One torch thread: the run's writer process must not be the only thing left without a core.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "train", config], stdout=log, stderr=log,
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", config], stdout=log, stderr=log,
                             env=env)
 
 
 def resume(tmp_path, config: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli.main", "train", config, "--resume"],
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", config, "--resume"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process evaluation 
 
 def metaray(*args, cwd) -> subprocess.Popen:
     """``metaray *args`` started in ``cwd``, its output captured; see ``finished``."""
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cwd)
 
 

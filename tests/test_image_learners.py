@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_directional_derivative
 
+from conftest import assert_directional_derivative
 from learners.algorithms.maml import MAML
 from learners.algorithms.protonet import ProtoNet, prototype_head
 from learners.models.conv4 import Conv4

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import flat, tiny_config
 from torch.func import functional_call
 
+from conftest import flat, tiny_config
 from learners.algorithms.imaml import IMAML
 from learners.algorithms.maml import MAML
 from learners.inner_loop import adaptation_curves

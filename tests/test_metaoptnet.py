@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import assert_directional_derivative, flat, tiny_config
 from test_image_learners import separable_batch
 
+from conftest import assert_directional_derivative, flat, tiny_config
 from learners.algorithms.metaoptnet import MetaOptNet
 from learners.inner_loop import adaptation_curves
 from learners.models.conv4 import Conv4

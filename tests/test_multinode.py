@@ -10,8 +10,8 @@ import time
 import pytest
 import ray
 import torch
-from conftest import flat, tiny_config, two_node_cluster
 
+from conftest import flat, tiny_config, two_node_cluster
 from orchestrator.build import build_algorithm
 from orchestrator.cli.main import main
 from orchestrator.run.central_learner import CentralLearner

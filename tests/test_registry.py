@@ -7,10 +7,10 @@ from typing import Literal
 
 import pytest
 import torch
-from conftest import flat, tiny_config
 from pydantic import PositiveFloat
 from torch.func import functional_call, grad
 
+from conftest import flat, tiny_config
 from learners.objective import query_stats
 from learners.params import init_params, materialize
 from learners.registry import AlgorithmConfig, Parts, register, variants

@@ -7,9 +7,9 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import tiny_config
 from mlflow import MlflowClient
 
+from conftest import tiny_config
 from orchestrator import evaluate_checkpoint, train
 from orchestrator.run.evaluation import curve_summaries, summarize, table
 from orchestrator.tracking.plots import learning_curves

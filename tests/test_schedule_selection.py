@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import flat, tiny_config
 from mlflow import MlflowClient
 
+from conftest import flat, tiny_config
 from orchestrator import train
 from orchestrator.config import ConfigError, parse_config
 from orchestrator.run import checkpoint

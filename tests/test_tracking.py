@@ -14,11 +14,11 @@ import urllib.request
 import mlflow
 import pytest
 import torch
-from conftest import tiny_config
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
-from mlflow_server import MlflowServer, free_port
 
+from conftest import tiny_config
+from mlflow_server import MlflowServer, free_port
 from orchestrator import train
 from orchestrator.cli.main import main
 from orchestrator.run import checkpoint
@@ -265,7 +265,7 @@ def test_default_store_is_local_sqlite_and_ui_serves_it(tmp_path, monkeypatch):
     assert steps_of(client, run.info.run_id, "meta/loss") == [0, 1, 2]
 
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "ui", "--port", str(port)], cwd=tmp_path,
+    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)], cwd=tmp_path,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         body, deadline = None, time.monotonic() + 180

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import flat, tiny_config
 
+from conftest import flat, tiny_config
 from orchestrator.workers.messages import theta_message
 from orchestrator.workers.worker import TaskWorker, placement
 from tasks.episode import EpisodeIds

@@ -47,7 +47,7 @@ def _train_in_actor(cfg: Config, resume: bool, evaluate: bool, parent_run_id: st
     import ray
     from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 
-    from orchestrator.workers.ray_session import connect
+    from orchestrator.workers.ray_session import connect, shutdown
 
     started = connect(cfg)
     w = cfg.workers
@@ -73,4 +73,4 @@ def _train_in_actor(cfg: Config, resume: bool, evaluate: bool, parent_run_id: st
     finally:
         ray.kill(actor)
         if started:
-            ray.shutdown()
+            shutdown()

@@ -24,16 +24,22 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
+
+import ray
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.atomic import write_atomic
 from orchestrator.config import Config, ConfigError
 from orchestrator.run.interrupts import Interrupted
+from orchestrator.sweep import report as sweep_report
 from orchestrator.sweep.plan import Plan, plan
+from orchestrator.sweep.report import TrialOutcome
+from orchestrator.sweep.trial import TRIAL, Progress, Trial, placement
 from orchestrator.tracking.tracker import open_tracker
-
-if TYPE_CHECKING:
-    from orchestrator.sweep.report import TrialOutcome
+from orchestrator.workers.ray_session import connect, shutdown, start_embedded
 
 STATE = "sweep.json"  # the trials of a sweep and its parent run, for --resume
 ASHA_REDUCTION = 3  # keep the best third at every rung (Hyperband's eta)
@@ -60,10 +66,6 @@ def sweep(paths: list[str], overrides: list[str] = (), grid: list[str] = (), exp
     A trial that crashes is reported and the others go on (``SweepResult.failed``). Raises ``Interrupted``
     when stopped by SIGINT/SIGTERM: every trial is checkpointed and ``resume`` continues them.
     """
-    from orchestrator.sweep import (
-        report as sweep_report,  # Ray Tune and matplotlib: loaded only when a sweep really starts
-    )
-
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {max_concurrent}: must be at least 1")
     p = plan(paths, overrides, search, grid, samples, scheduler, metric, mode, experiment, name)
@@ -98,9 +100,7 @@ def sweep(paths: list[str], overrides: list[str] = (), grid: list[str] = (), exp
         if parent is not None:
             parent.close(status)
         if started:
-            import ray
-
-            ray.shutdown()
+            shutdown()
 
 
 def _claim_folder(p: Plan, resume: bool) -> str | None:
@@ -122,17 +122,12 @@ def _claim_folder(p: Plan, resume: bool) -> str | None:
 
 def _start_ray(p: Plan, max_concurrent: int | None) -> bool:
     """Join the cluster (``--address``) or start Ray embedded with room for the concurrent trials."""
-    import ray
-
-    from orchestrator.workers.ray_session import connect
-
     if ray.is_initialized() or p.first.workers.address:
         return connect(p.first)
     per_trial = max(_trial_cpus(t.config) for t in p.trials)
     cores = os.cpu_count() or 1
     concurrent = max_concurrent or max(1, math.floor(cores / per_trial))
-    ray.init(address="local", num_cpus=max(cores, math.ceil(concurrent * per_trial)), include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=True, _node_ip_address="127.0.0.1")
+    start_embedded(max(cores, math.ceil(concurrent * per_trial)))
     return True
 
 
@@ -141,15 +136,11 @@ def _trial_cpus(cfg: Config) -> float:
 
 
 def _bundles(cfg: Config) -> list[dict[str, float]]:
-    from orchestrator.sweep.trial import placement
-
     return placement(cfg).bundles
 
 
 def _check_store_reachable(p: Plan) -> None:
     """A SQLite file is a store for one machine: trials on other nodes would each write a store of their own."""
-    import ray
-
     uri = p.first.tracking.uri or ""
     if not p.first.tracking.enabled or not uri.startswith(("sqlite:", "file:", "/")):
         return
@@ -183,12 +174,6 @@ def _sigterm_as_sigint() -> Iterator[dict[str, int]]:
 
 def _tune(p: Plan, parent_run_id: str | None, max_concurrent: int | None, resume: bool):
     """Run the trials on Ray Tune (or restore the interrupted run); the experiment's analysis, as saved."""
-    from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
-
-    from orchestrator.sweep.trial import TRIAL, Progress, Trial
-
     storage = p.folder / "tune"
     if resume and tune.Tuner.can_restore(str(storage)):
         tuner = tune.Tuner.restore(str(storage), trainable=Trial, resume_errored=True)

@@ -1,7 +1,8 @@
 """The Ray side of a run before any worker computes: joining or starting Ray, checking that the workers fit,
 and shipping the image store to nodes that do not have it.
 
-On one machine Ray starts embedded (bound to 127.0.0.1, no dashboard, token auth as Ray defaults);
+On one machine Ray starts embedded (bound to 127.0.0.1, no dashboard, token auth as Ray defaults, every Ray
+process ended with the run: ``reaper``);
 with ``workers.address`` the run joins a cluster. A store that is not on a node's filesystem is put
 in the object store once and written to a node-local cache keyed by its content hash
 (``local_store``), so a cluster needs no shared filesystem.
@@ -9,20 +10,25 @@ in the object store once and written to a node-local cache keyed by its content 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray._private import ray_constants, services
 
 from orchestrator.atomic import write_atomic
 from orchestrator.config import Config, ConfigError
 from orchestrator.errors import one_line
+from orchestrator.workers.reaper import MARK, Reaper
 
 log = logging.getLogger("metaray")
+_reaper: Reaper | None = None  # of the embedded Ray this process started; Ray itself is one per process too
 
 
 class StoreMissing(FileNotFoundError):
@@ -30,23 +36,81 @@ class StoreMissing(FileNotFoundError):
 
 
 def connect(cfg: Config) -> bool:
-    """Join the configured Ray cluster, or start Ray embedded; True when this call started it."""
+    """Join the configured Ray cluster, or start Ray embedded; True when this call started it (``shutdown``)."""
     if ray.is_initialized():
         return False
     w = cfg.workers
     if w.address:
         try:
-            ray.init(address=w.address, logging_level=logging.WARNING, log_to_driver=True)
+            with _loopback_only(_on_loopback(w.address)):
+                ray.init(address=w.address, logging_level=logging.WARNING, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"workers.address: cannot connect to Ray at {w.address!r} ({one_line(e)}); start the "
                               "cluster or fix the address (none: Ray embedded on this machine)") from None
         return True
     # Embedded: reserve enough logical CPUs for every worker even on a small laptop (they then share cores).
     learner = w.learner_num_cpus if w.learner == "actor" else 0.0
-    cpus = max(os.cpu_count() or 1, math.ceil(max(w.num_workers, w.max_workers or 0) * w.num_cpus + learner))
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=True, _node_ip_address="127.0.0.1")
+    start_embedded(max(os.cpu_count() or 1, math.ceil(max(w.num_workers, w.max_workers or 0) * w.num_cpus + learner)))
     return True
+
+
+def start_embedded(num_cpus: int) -> None:
+    """Ray on this machine alone: every Ray process listens on 127.0.0.1 only (no dashboard; token auth as Ray
+    defaults), and every one of them ends with this process, even one killed with SIGKILL (``reaper``)."""
+    global _reaper
+    _reaper = Reaper.start()
+    marker = {MARK: _reaper.marker} if _reaper is not None else {}
+    try:
+        with _loopback_only(True, marker):
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=True, _node_ip_address="127.0.0.1")
+    except BaseException:
+        shutdown()
+        raise
+
+
+@contextlib.contextmanager
+def _loopback_only(on: bool, env: dict[str, str] | None = None) -> Iterator[None]:
+    """While Ray starts (or joins a session on this machine): its processes on 127.0.0.1 alone, with ``env``.
+
+    Ray turns a node address of 127.0.0.1 into the machine's network address, and its servers then listen on
+    every interface, unless multi-node clusters are off (its single-machine mode, the default on macOS and
+    Windows). They are off while Ray starts, for the processes it starts (environment) and for this one, which
+    imported Ray already (the constant), and on again after: a later session of this process may join a cluster.
+    """
+    env = {**({ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"} if on else {}), **(env or {})}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray_constants.ENABLE_RAY_CLUSTER = not on
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = True
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _on_loopback(address: str) -> bool:
+    """Whether ``address`` (host:port, "auto", ray://...) is a Ray session on this machine's loopback."""
+    try:
+        found = services.get_ray_address_from_environment(address, None) if address == "auto" else address
+        host = (services.parse_address(found.removeprefix("ray://")) or ("",))[0]
+    except Exception:  # noqa: BLE001 - no local session: not one on loopback
+        return False
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def shutdown() -> None:
+    """Shut down the Ray this process started (``connect``, ``start_embedded``) and what is left of it."""
+    global _reaper
+    if ray.is_initialized():
+        ray.shutdown()
+    if _reaper is not None:
+        _reaper.stop()
+        _reaper = None
 
 
 class RaySession:
@@ -104,8 +168,8 @@ class RaySession:
                 "resources.nodes": sum(n["Alive"] for n in ray.nodes())}
 
     def close(self) -> None:
-        if self._started and ray.is_initialized():
-            ray.shutdown()
+        if self._started:
+            shutdown()
         self._started = False
 
 
