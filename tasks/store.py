@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -249,6 +250,11 @@ def _reopen(path: str, content_hash: str) -> ImageStore:
     return store
 
 
+def is_content_hash(value: object) -> bool:
+    """``sha256:`` and 64 lowercase hex digits, as ``StoreWriter`` writes it (and nothing a path could hide in)."""
+    return isinstance(value, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", value) is not None
+
+
 def _check_meta(path: Path, schema: pa.Schema, batch_lengths: list[int]) -> dict[str, Any]:
     """The store's metadata, after checking it against the file's actual schema and record batches."""
     md = schema.metadata or {}
@@ -274,6 +280,8 @@ def _check_meta(path: Path, schema: pa.Schema, batch_lengths: list[int]) -> dict
         missing = [k for k in ("source", "preprocessing", "content_hash", "num_images") if k not in meta]
         if missing:
             raise KeyError(", ".join(missing))
+        if not is_content_hash(meta["content_hash"]):  # it names the cached copy a worker node makes of the store
+            raise ValueError(f"content_hash {str(meta['content_hash'])[:80]!r} is not sha256:<64 hex digits>")
     except (KeyError, TypeError, ValueError) as e:
         raise corrupt(f"unreadable store metadata: {type(e).__name__} {e}") from None
     if len(shape) != 3 or not schema.remove_metadata().equals(store_schema(shape)):

@@ -2,6 +2,7 @@
 and in MLflow; plots and summaries of a run whose every step was skipped; `metaray eval` runs linked."""
 
 import io
+import json
 import math
 import warnings
 
@@ -40,6 +41,10 @@ def test_diverged_tasks_are_counted_and_left_out_of_the_mean():
     assert mean[10] == pytest.approx(acc[15:, 10].mean()) and np.isfinite(ci).all()
 
 
+def _no_nan(token: str):
+    raise AssertionError(f"{token} is not JSON")
+
+
 def test_a_run_whose_every_step_diverged_finishes_and_says_so(tmp_path, mlflow_store):
     """--set algorithm.inner_lr=1e308 --set algorithm.inner_steps=3: every meta-step is skipped, every held-out
     task diverges after adaptation. Before, the plots raised KeyError 'meta/loss' after evaluation."""
@@ -53,9 +58,15 @@ def test_a_run_whose_every_step_diverged_finishes_and_says_so(tmp_path, mlflow_s
     assert result.skipped_steps == 3 and "meta/loss" not in result.history
     assert "20 of 20 held-out tasks diverged at 1 step (left out of the means)" in out.getvalue()
     assert "nan" not in out.getvalue()
+    assert "step 3/3" in out.getvalue() and "skipped 3" in out.getvalue()
+    assert "nothing trained: all 3 meta-steps were skipped" in out.getvalue()
+    saved = json.loads((cfg.run_dir / "eval.json").read_text(), parse_constant=_no_nan)  # strict JSON: no NaN
+    assert saved["test"]["loss"]["1"]["mean"] is None and saved["test"]["loss"]["1"]["diverged"] == 20
     client = MlflowClient(mlflow_store)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
+    assert run.data.tags["metaray.trained"] == "nothing" and run.data.tags["metaray.skipped_steps"] == "3"
+    assert run.data.tags["mlflow.note.content"].startswith("nothing trained")
     metrics = run.data.metrics
     assert metrics["eval/test/diverged_step1"] == 20 and metrics["eval/test/diverged_step0"] == 0
     assert "eval/test/loss_step1" not in metrics and "eval/test/loss_step0" in metrics  # no NaN point

@@ -139,14 +139,20 @@ def _steps(n: int) -> str:
 
 
 def to_json(results: dict[str, dict[str, dict[int, Score]]]) -> dict:
-    return {ev: {m: {str(s): {"mean": sc.mean, "ci95": sc.ci95, "n": sc.n, "diverged": sc.diverged}
+    """JSON that any reader takes: a mean or CI that does not exist (every task diverged) is null, not NaN."""
+    return {ev: {m: {str(s): {"mean": finite_or_none(sc.mean), "ci95": finite_or_none(sc.ci95), "n": sc.n,
+                              "diverged": sc.diverged}
                      for s, sc in bs.items()} for m, bs in ms.items()} for ev, ms in results.items()}
 
 
 def from_json(saved: dict) -> Results:
     """``to_json``'s inverse."""
-    return {ev: {m: {int(s): Score(**sc) for s, sc in bs.items()} for m, bs in ms.items()}
-            for ev, ms in saved.items()}
+    return {ev: {m: {int(s): Score(**{k: math.nan if v is None else v for k, v in sc.items()})
+                     for s, sc in bs.items()} for m, bs in ms.items()} for ev, ms in saved.items()}
+
+
+def finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 def to_csv(results: dict[str, dict[str, dict[int, Score]]]) -> str:
@@ -169,7 +175,7 @@ def evaluate_and_report(cfg: Config, algorithm: Algorithm, group: Group, theta: 
     results, curves = evaluate_all(cfg, group, theta)
     print(table(algorithm.name, results), file=out)
     # `metaray eval` writes a file of its own: the training run's eval.json is never overwritten.
-    write_atomic(out_dir / name, json.dumps(to_json(results), indent=2))
+    write_atomic(out_dir / name, json.dumps(to_json(results), indent=2, allow_nan=False))
     tracker.log_evaluation(summary_metrics(results), step)
     tracker.log_text(to_csv(results), "eval/results.csv")
     # The whole curve, with the MLflow step = number of adaptation steps: MLflow's charts and compare

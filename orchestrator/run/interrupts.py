@@ -58,8 +58,9 @@ class StopSignals:
 
     @contextmanager
     def installed(self) -> Iterator["StopSignals"]:
-        """Route SIGINT and SIGTERM here for the duration (main thread only; elsewhere a no-op)."""
-        if threading.current_thread() is not threading.main_thread():
+        """Route SIGINT and SIGTERM here for the duration. A no-op off the main thread, and for a run stopped from
+        outside (``should_stop``: a learner actor, whose process's signals belong to Ray)."""
+        if threading.current_thread() is not threading.main_thread() or self._should_stop is not None:
             yield self
             return
         old = {s: signal.signal(s, self._handle) for s in SIGNALS}

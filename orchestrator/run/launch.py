@@ -66,7 +66,7 @@ def _train_in_actor(cfg: Config, resume: bool, evaluate: bool, parent_run_id: st
                     raise Interrupted(signals.signum)
         return ray.get(ref)
     except RayTaskError as e:
-        raise e.as_instanceof_cause() from None  # e.g. a CheckpointError: the CLI reports it as a user error
+        raise e.cause from None  # e.g. a CheckpointError: the CLI reports it as a user error
     except RayActorError as e:
         raise RunFailed(f"the learner actor died ({type(e).__name__}); its last checkpoint is in {cfg.run_dir}: "
                         "continue with --resume") from None

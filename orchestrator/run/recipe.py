@@ -27,7 +27,7 @@ from orchestrator.build import build_algorithm, build_tasks, check_tasks
 from orchestrator.config import Config
 from orchestrator.run import checkpoint
 from orchestrator.run.central_learner import CentralLearner
-from orchestrator.run.evaluation import EVAL_FILE, Results, evaluate_and_report, from_json, mean_ci
+from orchestrator.run.evaluation import EVAL_FILE, Results, evaluate_and_report, finite_or_none, from_json, mean_ci
 from orchestrator.run.interrupts import Interrupted, StopSignals
 from orchestrator.run.selection import BEST, selection_for, validate
 from orchestrator.run.services import Services
@@ -135,6 +135,23 @@ class TrainRecipe:
                   "continue with --resume", file=self.out)
             raise
         self.save()
+        self._say_what_was_skipped()
+
+    def _say_what_was_skipped(self) -> None:
+        """Skipped steps (non-finite gradients or updates) leave θ where it was: a run of only those trained
+        nothing, which its output and its MLflow run say in words, not only in a counter."""
+        learner = self.learner
+        if not learner.skipped_steps:
+            return
+        if learner.skipped_steps >= learner.step:
+            note = (f"nothing trained: all {learner.step} meta-steps were skipped (non-finite gradients or updates), "
+                    "so θ is its initialization; lower outer.lr or algorithm.inner_lr")
+            tags = {"metaray.trained": "nothing", "mlflow.note.content": note}
+        else:
+            note = f"{learner.skipped_steps} of {learner.step} meta-steps were skipped (non-finite gradients or updates)"
+            tags = {}
+        print(note, file=self.out, flush=True)
+        self.tracker.set_tags({"metaray.skipped_steps": str(learner.skipped_steps), **tags})
 
     def _loop(self, signals: StopSignals, on_step: OnStep | None) -> None:
         cfg, learner, selection = self.cfg, self.learner, self.selection
@@ -200,8 +217,8 @@ class TrainRecipe:
                                                        cfg.run_dir, self.out)
             self.test_curve = mean_ci(curves["test"]["loss"])
             self._log_artifacts(params)
-            write_atomic(cfg.run_dir / DONE, json.dumps({
-                "step": step, "test_curve": [c.tolist() for c in self.test_curve]}))
+            curve = [[finite_or_none(v) for v in c] for c in self.test_curve]
+            write_atomic(cfg.run_dir / DONE, json.dumps({"step": step, "test_curve": curve}, allow_nan=False))
         except Interrupted:
             print(f"interrupted after training: the checkpoint at step {step} is complete; evaluate it "
                   f"with `metaray eval {cfg.run_dir}`", file=self.out)
@@ -274,7 +291,7 @@ def _done(cfg: Config, step: int) -> tuple[Results, tuple[np.ndarray, np.ndarray
     if saved["step"] != step:
         return None
     results = from_json(json.loads((cfg.run_dir / EVAL_FILE).read_text()))
-    return results, tuple(np.asarray(c) for c in saved["test_curve"])
+    return results, tuple(np.asarray(c, dtype=np.float64) for c in saved["test_curve"])  # null: NaN
 
 
 def _eval_batch(cfg: Config, n: int):
@@ -288,5 +305,7 @@ def _progress(out, step: int, total: int, m: dict[str, float], elapsed: float) -
             parts.append(f"{key} {m[key]:.4f}")
     parts.append(f"{m['perf/tasks_per_s']:.0f} tasks/s")
     parts.append(f"faults {int(m['orchestrator/faults'])}")
+    if m["orchestrator/skipped_steps"]:
+        parts.append(f"skipped {int(m['orchestrator/skipped_steps'])}")
     parts.append(f"{elapsed:.0f}s")
     print(" | ".join(parts), file=out, flush=True)

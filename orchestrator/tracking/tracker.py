@@ -35,7 +35,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Param
+from mlflow.entities import Param, RunTag
 
 from orchestrator.config import Config
 from orchestrator.errors import one_line
@@ -73,6 +73,7 @@ class NullTracker:
         return {"run_id": None}
 
     def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_evaluation(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
@@ -177,6 +178,10 @@ class MlflowTracker:
         items = [Param(k, _param_value(v)) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self._safe(lambda chunk=items[i : i + 100]: self.client.log_batch(self.run_id, params=chunk))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tags of the run (idempotent, so set directly: a store that is down only loses them, with a warning)."""
+        self._safe(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self._recorded:

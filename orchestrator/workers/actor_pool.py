@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learners.registry import plugin_modules
 from orchestrator.config import Config
-from orchestrator.errors import RunFailed
+from orchestrator.errors import RunFailed, one_line
 from orchestrator.workers.faults import FaultDrill, FaultLog
 from orchestrator.workers.messages import ShareCall
 from orchestrator.workers.ray_session import RaySession, StoreMissing, local_store
@@ -201,14 +201,14 @@ class ActorPool:
             again = self._respawn_with_store(slot, e)
             if again is not None:
                 return self._start(again)
-            raise e.as_instanceof_cause() from None  # the worker's own error (a DataError, a ConfigError, ...)
+            raise e.cause from None  # the worker's own error (a DataError, a ConfigError, ...)
         except RayActorError as e:
             raise RunFailed(f"worker {slot.index} failed to start: {_actor_cause(e)}") from None
         slot.state, slot.probe = "idle", None
 
     def _respawn_with_store(self, slot: Slot, error: RayTaskError) -> Slot | None:
         """A worker whose node lacks the image store: ship the store and start it again, once."""
-        if slot.shipped or not isinstance(error.as_instanceof_cause(), StoreMissing):
+        if slot.shipped or not isinstance(error.cause, StoreMissing):
             return None
         self.session.ship_store()
         self._remove(slot)
@@ -222,7 +222,7 @@ class ActorPool:
             if self._respawn_with_store(slot, e) is None:  # e.g. a node that joined later has no copy of the data
                 self._remove(slot)
                 log.warning("worker %d could not start (%s); continuing without it", slot.index,
-                            e.as_instanceof_cause())
+                            one_line(e.cause))
             return
         except RayActorError as e:
             if self._w.max_restarts != 0 or isinstance(e, ActorUnavailableError):

@@ -146,9 +146,9 @@ class RaySession:
 
     def ship_store(self) -> list:
         """Put the image store in the object store (once) for nodes that lack it: [ref, content hash]."""
-        from tasks.store import ImageStore
-
         if self.shipped is None:
+            from tasks.store import ImageStore  # pyarrow: only for image tasks
+
             content_hash = ImageStore.open(self._store).content_hash
             log.warning("image store %s is not on every node: shipping it through the object store", self._store)
             self.shipped = [ray.put(Path(self._store).read_bytes()), content_hash]
@@ -181,7 +181,12 @@ def local_store(config: dict[str, Any], shipped: list | None) -> str | None:
         return None
     if not shipped:
         raise StoreMissing(f"image store {path} is not on node {ray.get_runtime_context().get_node_id()[:8]}")
+    from tasks.store import DataError, is_content_hash  # pyarrow: only for image tasks
+
     ref, content_hash = shipped
+    if not is_content_hash(content_hash):  # it becomes a file name below
+        raise DataError(f"task.store: refusing to cache a shipped store under the name {str(content_hash)[:80]!r}: "
+                        "not a content hash (sha256:<64 hex digits>)")
     cache = Path(tempfile.gettempdir()) / "metaray-data" / f"{content_hash.replace(':', '-')}.arrow"
     if not cache.exists():
         write_atomic(cache, ray.get(ref))

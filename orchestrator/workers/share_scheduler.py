@@ -86,7 +86,7 @@ class ShareScheduler:
                 try:
                     value = values[ref] if ref in values else ray.get(ref)
                 except RayTaskError as e:
-                    raise e.as_instanceof_cause() from None  # the worker's own error, not Ray's wrapper
+                    raise e.cause from None  # the worker's own error, not Ray's wrapper
                 except RayActorError as e:
                     self.pool.suspect(slot, f"worker {slot.index} died during {what} (share {share}): "
                                             f"{type(e).__name__}")
