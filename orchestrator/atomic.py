@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from orchestrator.errors import raise_if_full
+
 
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write ``data`` to a temp file beside ``path``, flush it to disk, then rename it over ``path``."""
@@ -16,5 +18,8 @@ def write_atomic(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise_if_full(e, path)  # the old file is untouched: only the temp file was being written
+        raise
     finally:
         tmp.unlink(missing_ok=True)

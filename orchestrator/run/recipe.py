@@ -25,6 +25,7 @@ from learners.params import Params, ParamSpec
 from orchestrator.atomic import write_atomic
 from orchestrator.build import build_algorithm, build_tasks, check_tasks
 from orchestrator.config import Config
+from orchestrator.errors import DiskFull
 from orchestrator.run import checkpoint
 from orchestrator.run.central_learner import CentralLearner
 from orchestrator.run.evaluation import EVAL_FILE, Results, evaluate_and_report, finite_or_none, from_json, mean_ci
@@ -72,14 +73,17 @@ def train_here(cfg: Config, resume: bool = False, evaluate: bool = True, out=Non
     # Opened before Ray starts: an unusable tracking store is reported before any work is done.
     tracker = open_tracker(cfg, state=recipe.saved.tracker if recipe.saved else None, parent_run_id=parent_run_id,
                            run_dir=cfg.run_dir)
-    with Services(tracker, out) as services, signals.installed():
-        recipe.setup(services, signals)
-        recipe.train(signals, on_step)
-        if evaluate and not recipe.stopped:
-            recipe.evaluate()
-        else:
-            recipe.save_artifacts()
-        return recipe.result()
+    try:
+        with Services(tracker, out) as services, signals.installed():
+            recipe.setup(services, signals)
+            recipe.train(signals, on_step)
+            if evaluate and not recipe.stopped:
+                recipe.evaluate()
+            else:
+                recipe.save_artifacts()
+            return recipe.result()
+    except DiskFull as e:
+        raise DiskFull(f"{e}; {_last_good_checkpoint(cfg)}") from None
 
 
 class TrainRecipe:
@@ -280,6 +284,16 @@ def _starting_point(cfg: Config, resume: bool, out) -> checkpoint.Checkpoint | N
     checkpoint.check_resumable(ckpt, cfg, build_algorithm(cfg).init_params(0))
     print(f"resuming {cfg.run_dir} at step {ckpt.step}", file=out)
     return ckpt
+
+
+def _last_good_checkpoint(cfg: Config) -> str:
+    """What a run that stopped on a full disk has kept (atomic writes: the last checkpoint is whole)."""
+    path = cfg.run_dir / checkpoint.FILENAME
+    try:
+        step = checkpoint.load(path).step
+    except checkpoint.CheckpointError:
+        return f"no checkpoint was saved in {cfg.run_dir}: free space and start the run again"
+    return f"the last good checkpoint is {path} (step {step}): free space and continue with --resume"
 
 
 def _done(cfg: Config, step: int) -> tuple[Results, tuple[np.ndarray, np.ndarray]] | None:

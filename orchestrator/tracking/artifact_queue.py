@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.errors import one_line
+from orchestrator.errors import one_line, raise_if_full
 
 log = logging.getLogger("metaray")
 
@@ -83,6 +83,8 @@ class ArtifactQueue:
             os.replace(tmp, self.folder / f"{self._n:06d}")
         except Exception as e:  # noqa: BLE001 - tracking never kills training; say what is missing
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise_if_full(e, tmp)  # but a full disk stops the run: its checkpoints are next
             log.warning("tracking: could not queue an artifact in %s (%s); it will be missing", self.folder,
                         one_line(e, 240))
 

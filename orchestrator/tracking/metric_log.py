@@ -15,11 +15,14 @@ one), and a segment is complete once a newer one exists; the writer deletes segm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from orchestrator.errors import raise_if_full
 
 log = logging.getLogger("metaray")
 SEGMENT_BYTES = 16 * 2**20
@@ -53,7 +56,7 @@ class MetricLog:
         if self._fd >= 0:
             os.close(self._fd)
         self._n += 1
-        self._fd = os.open(self.folder / f"wal-{self._n:06d}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = os.open(self._path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._size = 0
 
     def append(self, step: int, timestamp_ms: int, metrics: dict[str, float]) -> None:
@@ -72,9 +75,17 @@ class MetricLog:
             while view:
                 view = view[os.write(self._fd, view):]
             self._size += len(data)
-        except OSError as e:  # a full disk: tracking never kills training, but say what is lost
+        except OSError as e:
+            # Cut off a partly written line: the log stays whole lines, as readers expect of a live segment.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            # A full disk stops the run (what it could not log is what the next steps would lose too).
+            raise_if_full(e, self._path())
             log.warning("tracking: could not write %d bytes of metrics to %s (%s); they are lost", len(data),
                         self.folder, e)
+
+    def _path(self) -> Path:
+        return self.folder / f"wal-{self._n:06d}.jsonl"
 
     def sync(self) -> None:
         """Everything appended so far is on disk when this returns (called before each checkpoint)."""
@@ -82,12 +93,15 @@ class MetricLog:
         try:
             os.fsync(self._fd)
         except OSError as e:
+            raise_if_full(e, self._path())
             log.warning("tracking: could not sync the metric log in %s (%s)", self.folder, e)
 
     def close(self) -> None:
-        self.sync()
-        os.close(self._fd)
-        self._fd = -1
+        try:
+            self.sync()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
 
 
 @dataclass(frozen=True)

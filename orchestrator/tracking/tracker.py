@@ -38,7 +38,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 
 from orchestrator.config import Config
-from orchestrator.errors import one_line
+from orchestrator.errors import DiskFull, one_line
 from orchestrator.tracking import metric_log
 from orchestrator.tracking.artifact_queue import ArtifactQueue
 from orchestrator.tracking.delivery import (
@@ -245,7 +245,10 @@ class MlflowTracker:
         if not (metrics or artifacts or not ended):
             remove_folder(self.folder)
             return ""
-        write_meta(self.folder, {**read_meta(self.folder), "status": status})
+        try:
+            write_meta(self.folder, {**read_meta(self.folder), "status": status})
+        except DiskFull as e:  # `metaray deliver` then leaves the run's status as the store has it
+            log.warning("tracking: %s", e)
         what = [f"{metrics} metrics"] * bool(metrics) + [f"{artifacts} artifacts"] * bool(artifacts)
         what += [f"the run's status ({status})"] * (not ended)
         return (f"tracking: not in MLflow yet (store {self.uri} unreachable): {', '.join(what)}; kept in "

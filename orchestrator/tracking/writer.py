@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import one_line
+from orchestrator.errors import DiskFull, one_line
 from orchestrator.tracking import delivery, metric_log
 from orchestrator.tracking.system_metrics import SystemSampler
 
@@ -119,8 +119,11 @@ class MetricProcess:
         holds whatever became of the child."""
         if self._system is not None:
             self._system.stop()
-        self._write()
-        self._log.close()
+        try:
+            self._write()
+            self._log.close()
+        except DiskFull as e:  # the run already stops for it; what is on disk is still delivered below
+            log.warning("tracking: %s", e)
         if self._ready():  # else it has sent nothing yet (it may be starved of CPU): no need to wait for it
             self._inbox.put(("stop",))
         self._kill(STOP_WAIT_S if self._is_ready else 0.0)
