@@ -32,11 +32,19 @@ PER_STEP = ("meta/loss", "inner/loss_before", "inner/loss_after", "perf/tasks_pe
             "perf/compute_s", "orchestrator/faults", "orchestrator/dropped_tasks")
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = MlflowServer(tmp_path).start(timeout_s=300)  # a busy machine starts it slowly
+@pytest.fixture(scope="module")
+def _module_server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("server"))
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def server(_module_server):
+    """One server for the module (a start costs seconds); a test that stopped it finds it started again."""
+    if _module_server.proc is None:
+        _module_server.start(timeout_s=300)  # a busy machine starts it slowly
+    return _module_server
 
 
 def tracked(tmp_path, uri, name="tiny", **sections):
@@ -119,6 +127,31 @@ def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
 
     expected = build_algorithm(cfgs[0]).predict(results[0].params, x)
     torch.testing.assert_close(module(x), expected)
+
+
+def test_a_password_in_the_tracking_uri_is_used_and_saved_nowhere(tmp_path, server, ray_local, capfd, monkeypatch):
+    """http://user:password@host on the default path (Ray, 2 workers) with every artifact: the run is tracked, and
+    the password is in no param, tag, artifact, checkpoint, file of the run or of the server, or line of output."""
+    secret = "pw-7c1e9f"
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)  # restored (unset) after the test
+    uri = server.url.replace("http://", f"http://alice:{secret}@")
+    cfg = tracked(tmp_path, uri, name="secret", outer={"steps": 4}, workers={"mode": "ray", "num_workers": 2},
+                  tracking={"plots": True, "log_model": True, "log_checkpoint": True})
+    result = train(cfg)
+    client = MlflowClient(server.url)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["tracking.uri"].startswith("http://alice:***@127.0.0.1")
+    assert {"config.yaml", "checkpoint/checkpoint.pt"} <= set(artifacts(client, result.run_id))
+    (model,) = client.search_logged_models([run.info.experiment_id], filter_string="name = 'secret'")
+    seen = [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(model.params)]
+    seen += list(capfd.readouterr())
+    files = [f for root in (tmp_path, server.folder) for f in root.rglob("*") if f.is_file()]
+    assert any(f.name == "checkpoint.pt" for f in files) and any(f.suffix == ".db" for f in files)
+    leaks = [str(f) for f in files if secret.encode() in f.read_bytes()]
+    leaks += [text[max(0, text.find(secret) - 60):][:120] for text in seen if secret in text]
+    assert not leaks, leaks
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == secret  # how MLflow's client and the writer got it
 
 
 def test_server_down_mid_run_loses_and_duplicates_nothing(tmp_path, server):

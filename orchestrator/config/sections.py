@@ -3,9 +3,10 @@ tracking, run. Each is strict (``base.Strict``) and documents its keys."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_serializer
 
 from orchestrator.config.base import Strict
 from orchestrator.config.lr_schedule import ConstantSchedule, Schedule
@@ -106,10 +107,16 @@ class EvalConfig(Strict):
     """Stop training after this many validations without improvement (early stopping); None: never."""
 
 
+def mask_secrets(text: str) -> str:
+    """``http://user:secret@host`` -> ``http://user:***@host`` wherever a URI in ``text`` carries a password."""
+    return re.sub(r"(://[^/\s:@]*):[^/\s@]+@", r"\1:***@", text)
+
+
 class TrackingConfig(Strict):
     enabled: bool = True
     uri: str | None = None
-    """Tracking store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    """Tracking store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory. A password
+    in it (http://user:password@host) is used, never saved: params, config.yaml and checkpoints show ***."""
     experiment: str | None = None
     """MLflow experiment; default metaray-<task family>."""
     flush_every_s: PositiveFloat = 2.0
@@ -125,6 +132,10 @@ class TrackingConfig(Strict):
     """CPU, memory, disk and network (GPUs with nvidia-ml-py) as system/* metrics, every 10 s."""
     registered_model: str | None = Field(None, min_length=1)
     """Register the final model under this name in the MLflow model registry (a new version per run)."""
+
+    @field_serializer("uri")
+    def _masked(self, uri: str | None) -> str | None:
+        return None if uri is None else mask_secrets(uri)
 
 
 class RunConfig(Strict):

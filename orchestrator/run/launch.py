@@ -16,6 +16,7 @@ from orchestrator.config import Config, parse_config
 from orchestrator.errors import RunFailed
 from orchestrator.run.interrupts import Interrupted, StopSignals
 from orchestrator.run.recipe import TrainResult, train_here
+from orchestrator.tracking.store import resolve_uri
 
 
 def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=None,
@@ -26,6 +27,8 @@ def train(cfg: Config, resume: bool = False, evaluate: bool = True, out=None,
     Progress and results are printed to ``out`` (None: ``sys.stdout`` as it is when printing).
     """
     if cfg.workers.learner == "actor":
+        if cfg.tracking.enabled:
+            resolve_uri(cfg)  # credentials in the URI go to the environment, before Ray starts the actor's process
         return _train_in_actor(cfg, resume, evaluate, parent_run_id)
     return train_here(cfg, resume, evaluate, out, parent_run_id, should_stop)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import Config, ConfigError, load_config
+from orchestrator.config.sections import mask_secrets
 from orchestrator.sweep.search_space import Axis, expand, parse_grid, parse_search
 from orchestrator.tracking.store import absolute_uri, resolve_uri
 from orchestrator.tracking.tracker import experiment_name
@@ -93,7 +94,7 @@ def plan(paths: list[str], overrides: list[str] = (), search: list[str] = (), gr
     trials = [TrialSpec(n, s, cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": n})}))
               for n, (s, cfg) in zip(names, specs)]
     # Where the sweep runs (--address) is not what it is: a sweep continues on another cluster or embedded.
-    what = [o for o in overrides if not o.startswith("workers.address=")]
+    what = [mask_secrets(o) for o in overrides if not o.startswith("workers.address=")]
     settings = {"configs": list(paths), "overrides": what, "search": list(search), "grid": list(grid),
                 "samples": samples, "scheduler": scheduler, "metric": metric, "mode": mode,
                 "trials": [t.name for t in trials]}

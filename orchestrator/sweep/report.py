@@ -22,6 +22,7 @@ from orchestrator.atomic import write_atomic
 from orchestrator.config import parse_config
 from orchestrator.errors import one_line
 from orchestrator.sweep.plan import Plan
+from orchestrator.tracking.store import resolve_uri
 
 # A curve that exceeds its sweep's typical starting value this many times over has diverged.
 DIVERGED_FACTOR = 1e3
@@ -104,7 +105,7 @@ def settle_children(trials: list[TrialOutcome], plan: Plan) -> None:
         return
     from mlflow import MlflowClient
 
-    client = MlflowClient(plan.first.tracking.uri)
+    client = MlflowClient(resolve_uri(plan.first))
     for t in trials:
         if t.run_id is None:
             continue
@@ -121,7 +122,7 @@ def _children(plan: Plan, parent_run_id: str | None) -> dict[str, dict[str, Any]
         return {}
     from mlflow import MlflowClient
 
-    client = MlflowClient(cfg.tracking.uri)
+    client = MlflowClient(resolve_uri(cfg))
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               max_results=10_000)
@@ -255,7 +256,7 @@ def register_best(best: TrialOutcome, plan: Plan, name: str, out) -> None:
         print(f"--register {name}: the best trial has no MLflow run (tracking is off); nothing registered", file=out)
         return
     try:
-        version = register(plan.first.tracking.uri, best.run_id, name)
+        version = register(resolve_uri(plan.first), best.run_id, name)
     except TrackingError:
         print(f"--register {name}: the best trial logged no model (tracking.log_model is off)", file=out)
         return

@@ -8,10 +8,13 @@ import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from orchestrator.config import Config
+from orchestrator.config.sections import mask_secrets
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+USERNAME, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
 
 class TrackingError(ValueError):
@@ -19,7 +22,22 @@ class TrackingError(ValueError):
 
 
 def resolve_uri(cfg: Config) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The store's URI without credentials: a user and password in it (``http://user:secret@host``) move to
+    MLflow's own variables, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, of this process and the
+    processes it starts (the metric writer, an embedded Ray's workers), so that no URI with a password is ever
+    printed, logged or saved. A password saved as *** (a checkpoint's config) is taken from those variables."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    if parts.password != "***":
+        os.environ[USERNAME] = unquote(parts.username or "")
+        os.environ[PASSWORD] = unquote(parts.password)
+    elif not os.environ.get(PASSWORD):
+        raise TrackingError(f"tracking.uri: {mask_secrets(uri)}: its password is never saved with a run; set "
+                            f"{PASSWORD} (or pass the whole URI again with --set tracking.uri=...)")
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def store_file(uri: str) -> Path | None:
