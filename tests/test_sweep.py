@@ -290,3 +290,37 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
     assert {"sweep_results.md", "best_config.yaml", "plots/sweep_comparison.png"} <= set(files)
     table = (tmp_path / "runs" / "asha" / "sweep_results.md").read_text()
     assert table.splitlines()[0].startswith("| run | config | outer.lr | status |")
+
+
+def test_a_sweep_killed_before_any_checkpoint_resumes_with_one_run_per_trial(tmp_path, ray_local, mlflow_store):
+    """SIGKILL of `metaray sweep` as soon as a trial trains, before its first checkpoint. Resumed, the trial starts
+    again from step 0 in the MLflow run it had begun (before, a second run: the first stayed empty, and the tag
+    went to it): one run per trial, tagged with how it ended, every step once."""
+    steps = 150
+    path = write_config(tmp_path, "sine-kill", run={"checkpoint_every": 1000}, outer={"steps": steps})
+    grid = "outer.lr=[0.01, 0.02]"
+    args = ["sweep", str(path), "--grid", grid, "--max-concurrent", "2", "--name", "killed", "--experiment",
+            "sweep-killed", "--address", ray_local.get_runtime_context().gcs_address]
+    out = tmp_path / "first.out"
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                                cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not re.search(r"  trial \S+: step \d+/",
+                                                                                 out.read_text()):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    folders = [f for f in (tmp_path / "runs" / "killed").iterdir() if f.is_dir() and f.name != "tune"]
+    begun = [f for f in folders if (f / "tracking").exists() and not (f / "checkpoint.pt").exists()]
+    assert begun, out.read_text()[-3000:]  # a trial with an MLflow run and no checkpoint
+
+    result = sweep([str(path)], grid=[grid], max_concurrent=2, name="killed", experiment="sweep-killed", resume=True)
+    assert {t.status for t in result.trials} == {"completed"}
+    client = MlflowClient(mlflow_store)
+    parent = client.get_run(result.parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert sorted(r.info.run_name for r in runs) == sorted(t.name for t in result.trials)  # one each
+    for r in runs:
+        assert r.data.tags["metaray.sweep.trial"] == "completed" and r.info.status == "FINISHED"
+        assert steps_of(client, r.info.run_id) == list(range(steps)), r.info.run_name

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -60,19 +60,21 @@ class TrainResult:
 
 
 def train_here(cfg: Config, resume: bool = False, evaluate: bool = True, out=None, parent_run_id: str | None = None,
-               should_stop: Callable[[], bool] | None = None, on_step: OnStep | None = None) -> TrainResult:
+               should_stop: Callable[[], bool] | None = None, on_step: OnStep | None = None,
+               tracker_state: dict[str, Any] | None = None) -> TrainResult:
     """Meta-train per ``cfg`` in this process (continuing its checkpoint when ``resume``), evaluate, save, track.
 
     SIGINT/SIGTERM (or ``should_stop()`` turning true) stop at the next step boundary with a checkpoint.
     ``on_step(step, metrics, save)`` is called after every meta-step (with that step's validation metrics, if
     any; ``save()`` checkpoints now); when it returns True (a sweep's scheduler stopped the trial) training ends
     there: checkpointed and closed, not evaluated. Progress and results go to ``out`` (None: ``sys.stdout``).
+    ``tracker_state`` continues that MLflow run when there is no checkpoint to resume (a restarted sweep trial).
     """
     recipe = TrainRecipe(cfg, resume, out)
     signals = StopSignals(should_stop)
     # Opened before Ray starts: an unusable tracking store is reported before any work is done.
-    tracker = open_tracker(cfg, state=recipe.saved.tracker if recipe.saved else None, parent_run_id=parent_run_id,
-                           run_dir=cfg.run_dir)
+    tracker = open_tracker(cfg, state=recipe.saved.tracker if recipe.saved else tracker_state,
+                           parent_run_id=parent_run_id, run_dir=cfg.run_dir)
     try:
         with Services(tracker, out) as services, signals.installed():
             recipe.setup(services, signals)

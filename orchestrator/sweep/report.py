@@ -125,13 +125,14 @@ def _children(plan: Plan, parent_run_id: str | None) -> dict[str, dict[str, Any]
     client = MlflowClient(resolve_uri(cfg))
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              max_results=10_000)
+                              max_results=10_000, order_by=["attributes.start_time DESC"])
     out = {}
     for r in runs:
         curve = sorted(client.get_metric_history(r.info.run_id, "eval/test/loss_curve"), key=lambda m: m.step)
         by_step = {m.step: m.value for m in curve}  # a resumed run evaluated again: the latest value per step
-        out[r.info.run_name] = {"run_id": r.info.run_id, "metrics": dict(r.data.metrics), "status": r.info.status,
-                                "held_out": [by_step[s] for s in sorted(by_step)]}
+        # Newest first (search order): should a trial have two runs, the one it ran last is its own.
+        out.setdefault(r.info.run_name, {"run_id": r.info.run_id, "metrics": dict(r.data.metrics),
+                                         "status": r.info.status, "held_out": [by_step[s] for s in sorted(by_step)]})
     return out
 
 

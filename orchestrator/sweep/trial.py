@@ -34,6 +34,7 @@ from orchestrator.config import Config, ConfigError, parse_config
 from orchestrator.run import checkpoint
 from orchestrator.run.recipe import train_here
 from orchestrator.sweep.report import trial_error
+from orchestrator.tracking.delivery import unfinished_run
 
 TRIAL = "trial"  # the key of the trial's spec in Tune's config
 TUNE_CHECKPOINT = "tune-checkpoint"  # folder in the run folder holding what a report hands to Tune
@@ -61,9 +62,12 @@ def run_trial(config: dict[str, Any]) -> bool:
     resume, last = _restore(cfg, tune.get_checkpoint())
     reporter = Reporter(cfg, spec["metric"], spec["mode"], last)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    # A trial killed before its first checkpoint starts again from step 0, in the MLflow run it had begun (its
+    # recorded steps are not recorded again): one run per trial, however often the sweep was interrupted.
+    begun = None if resume else unfinished_run(cfg.run_dir)
     with open(cfg.run_dir / "train.log", "a") as out:
         result = train_here(cfg, resume, True, out, spec["parent_run_id"], should_stop=None,
-                            on_step=reporter.on_step)
+                            on_step=reporter.on_step, tracker_state=begun)
     if not reporter.stopped:
         reporter.final(result.step, result.results)
     return reporter.stopped

@@ -190,6 +190,14 @@ def register(uri: str, run_id: str, name: str) -> str:
     return register_model(client, latest.model_id, name, run_id)
 
 
+def unfinished_run(run_dir: Path) -> dict[str, Any] | None:
+    """The tracker state (``{"run_id": ...}``) of the MLflow run a process began in ``run_dir`` and never closed
+    (it was killed), or None. A closed run's folder is gone, or records the status it ended with."""
+    metas = [read_meta(p.parent) for p in sorted((Path(run_dir) / FOLDER).glob("*/store.json"))]
+    begun = [m for m in metas if "status" not in m]
+    return {"run_id": begun[-1]["run_id"]} if begun else None
+
+
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     write_atomic(folder / "store.json", json.dumps(meta))
 
