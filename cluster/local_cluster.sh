@@ -245,6 +245,9 @@ cmd_start() {
         fi
     fi
     export RAY_AUTH_MODE=token
+    # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default: 3): time for metaray
+    # to finish its meta-step, checkpoint and end its MLflow run.
+    export RAY_JOB_STOP_WAIT_TIME_S=${RAY_JOB_STOP_WAIT_TIME_S:-120}
 
     local prefix=${HEAD_IP%.*} first=${HEAD_IP##*.} i
     ((first + WORKERS <= 254)) || die "--head-ip $HEAD_IP leaves no room for $WORKERS workers (last octet must stay <= 254)"

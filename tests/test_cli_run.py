@@ -110,6 +110,7 @@ def mlflow_status(name):
     return run.info.status
 
 
+@pytest.mark.slow  # in-process; SIGTERM on Ray (the default path) is in CI: tests/test_default_path.py
 def test_sigterm_checkpoints_at_the_step_boundary_and_marks_the_run_killed(tmp_path):
     proc, lines = started(tmp_path, steps=100000, at_step=3)
     proc.send_signal(signal.SIGTERM)  # what a preempted node, Kubernetes or `ray job stop` sends

@@ -42,7 +42,7 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         if self.signum is None and self._should_stop is not None and self._should_stop():
-            self.signum = signal.SIGTERM  # told from outside (a cancelled learner actor): as a preemption
+            self.signum = signal.SIGTERM  # told from outside (a learner actor, by its driver): as a preemption
         return self.signum is not None
 
     def check(self) -> None:
