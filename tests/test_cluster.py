@@ -20,11 +20,13 @@ import secrets
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from mlflow import MlflowClient
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -414,3 +416,59 @@ def test_local_cluster_runs_three_nodes_and_stops_every_process_it_started(tmp_p
     assert not (state_dir / "cluster.env").exists()
     assert not Path(state["ray_temp_dir"]).exists()
     assert run_script("status", *state_opt).returncode == 1
+
+
+@pytest.mark.slow  # a real cluster with the dashboard's job API; SIGTERM on Ray is in CI (test_default_path)
+@pytest.mark.cluster
+@pytest.mark.skipif(sys.platform != "linux", reason="needs Linux: 127.0.0.x loopback addresses, /proc, setsid")
+def test_ray_job_stop_stops_the_run_at_a_step_boundary(tmp_path, mlflow_store):
+    """`ray job submit` a training run to cluster/local_cluster.sh, then `ray job stop` it: Ray sends SIGTERM (and
+    SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, which the script sets to 120 s): the run checkpoints at the end of its
+    step and ends its MLflow run KILLED."""
+    import ray._private.utils
+
+    if ray._private.utils.get_dashboard_dependency_error() is not None:
+        pytest.skip("the job API needs the full Ray install: pip install 'ray[default]'")
+    from orchestrator.run import checkpoint
+
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    state_opt = ["--state-dir", str(tmp_path / "state")]
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"name": "job", "dir": str(tmp_path / "runs"), "checkpoint_every": 100000, "log_every": 1},
+        "task": {"k_shot": 5, "query": 5}, "model": {"hidden": [16, 16]}, "outer": {"meta_batch_size": 8,
+                                                                                       "steps": 100000},
+        "workers": {"mode": "ray", "num_workers": 2, "address": "auto"},
+        "tracking": {"uri": mlflow_store, "experiment": "ray-job", "system_metrics": False}}))
+    env = script_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    try:
+        start = run_script("start", "--workers", "2", "--cpus-per-worker", "1", "--dashboard", "--token-file",
+                           str(token), *state_opt, timeout=240)
+        assert start.returncode == 0, start.stdout + start.stderr
+        api = f"http://127.0.0.1:{read_state(tmp_path / 'state' / 'cluster.env')['dashboard_port']}"
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        submit = subprocess.run([ray_bin, "job", "submit", "--address", api, "--no-wait", "--submission-id",
+                                 "metaray-stop", "--", sys.executable, "-m", "orchestrator.cli", "train", str(config)],
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+
+        def logs() -> str:
+            return subprocess.run([ray_bin, "job", "logs", "--address", api, "metaray-stop"], capture_output=True,
+                                  text=True, timeout=60, env=env).stdout
+
+        deadline = time.monotonic() + 300
+        while "step 3/" not in logs() and time.monotonic() < deadline:
+            time.sleep(1)
+        stop = subprocess.run([ray_bin, "job", "stop", "--address", api, "metaray-stop"], capture_output=True,
+                              text=True, timeout=180, env=env)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        out = logs()
+        step = checkpoint.load(tmp_path / "runs" / "job").step
+        assert f"interrupted: checkpoint at step {step}" in out and "stopped by SIGTERM" in out, out[-3000:]
+        client = MlflowClient(mlflow_store)
+        (run,) = client.search_runs([client.get_experiment_by_name("ray-job").experiment_id])
+        assert run.info.status == "KILLED"
+    finally:
+        run_script("stop", *state_opt, timeout=120)
