@@ -25,6 +25,7 @@ from orchestrator.atomic import write_atomic
 from orchestrator.build import build_tasks
 from orchestrator.config import Config
 from orchestrator.config.task import SineTaskConfig
+from orchestrator.run.divergence import FACTOR as DIVERGED_FACTOR
 from orchestrator.tracking import plots
 from orchestrator.workers.group import Group
 from tasks.episode import EpisodeIds, Purpose
@@ -158,7 +159,6 @@ def to_csv(results: dict[str, dict[str, dict[int, Score]]]) -> str:
                 rows.append(f"{ev},{m},{s},{sc.mean:.6g},{sc.ci95:.6g},{sc.mean - sc.ci95:.6g},{sc.mean + sc.ci95:.6g},"
                             f"{sc.n},{sc.diverged}")
     return "\n".join(rows) + "\n"
-  # a training run's test results, beside its checkpoint
 
 
 def evaluate_and_report(cfg: Config, algorithm: Algorithm, group: Group, theta: np.ndarray,
@@ -205,10 +205,21 @@ def summary_metrics(results: Results) -> dict[str, float]:
 
 
 def _log_plots(cfg: Config, algorithm: Algorithm, theta: np.ndarray, tracker, summaries) -> None:
-    lines = {f"this run ({algorithm.name})": summaries["test"]["loss"]}
+    own = summaries["test"]["loss"]
+    lines = {f"this run ({algorithm.name})": own}
+    # Other runs that diverged (tagged, or a curve a thousand times above this run's start) would only stretch
+    # the axis: they are left out, and counted in the title.
+    finite = own[0][np.isfinite(own[0])]
+    ceiling = DIVERGED_FACTOR * float(finite[0]) if finite.size else np.inf
+    left_out = 0
     for name, values in tracker.sibling_curves("eval/test/loss_curve").items():
-        lines.setdefault(name, (np.asarray(values), None))
-    tracker.log_figure(plots.adaptation_plot(lines, f"{cfg.task.family}: held-out query loss"), "loss_vs_steps")
+        values = np.asarray(values, dtype=float)
+        if values.size and np.all(np.isfinite(values)) and values.max() <= ceiling:
+            lines.setdefault(name, (values, None))
+        else:
+            left_out += 1
+    title = f"{cfg.task.family}: held-out query loss" + (f" ({left_out} diverged runs left out)" if left_out else "")
+    tracker.log_figure(plots.adaptation_plot(lines, title), "loss_vs_steps")
     tracker.log_figure(plots.evaluation_curves(summaries, f"{algorithm.name}: held-out tasks, mean and 95% CI"),
                        "eval_curves")
     if isinstance(cfg.task, SineTaskConfig):
