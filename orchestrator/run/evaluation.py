@@ -204,20 +204,24 @@ def summary_metrics(results: Results) -> dict[str, float]:
     return summary
 
 
-def _log_plots(cfg: Config, algorithm: Algorithm, theta: np.ndarray, tracker, summaries) -> None:
-    own = summaries["test"]["loss"]
-    lines = {f"this run ({algorithm.name})": own}
-    # Other runs that diverged (tagged, or a curve a thousand times above this run's start) would only stretch
-    # the axis: they are left out, and counted in the title.
-    finite = own[0][np.isfinite(own[0])]
+def comparable(own: np.ndarray, others: dict[str, list[float]]) -> tuple[dict[str, np.ndarray], int]:
+    """The other runs' curves worth drawing beside ``own`` (a loss per adaptation step), and how many are left out:
+    a curve that is not finite, or that rises above ``DIVERGED_FACTOR`` times this run's loss before adapting,
+    diverged, and would only stretch the axis."""
+    finite = own[np.isfinite(own)]
     ceiling = DIVERGED_FACTOR * float(finite[0]) if finite.size else np.inf
-    left_out = 0
-    for name, values in tracker.sibling_curves("eval/test/loss_curve").items():
+    kept = {}
+    for name, values in others.items():
         values = np.asarray(values, dtype=float)
         if values.size and np.all(np.isfinite(values)) and values.max() <= ceiling:
-            lines.setdefault(name, (values, None))
-        else:
-            left_out += 1
+            kept[name] = values
+    return kept, len(others) - len(kept)
+
+
+def _log_plots(cfg: Config, algorithm: Algorithm, theta: np.ndarray, tracker, summaries) -> None:
+    own = summaries["test"]["loss"]
+    others, left_out = comparable(own[0], tracker.sibling_curves("eval/test/loss_curve"))
+    lines = {f"this run ({algorithm.name})": own, **{k: (v, None) for k, v in others.items()}}
     title = f"{cfg.task.family}: held-out query loss" + (f" ({left_out} diverged runs left out)" if left_out else "")
     tracker.log_figure(plots.adaptation_plot(lines, title), "loss_vs_steps")
     tracker.log_figure(plots.evaluation_curves(summaries, f"{algorithm.name}: held-out tasks, mean and 95% CI"),

@@ -55,6 +55,12 @@ def refused(error: BaseException) -> bool:
     return 400 <= code < 500 and code not in _NOT_REFUSALS
 
 
+def refusal(error: BaseException, limit: int = 300) -> str:
+    """The store's message on one line, with its error code (a local store's messages do not carry it)."""
+    text, code = one_line(error, limit), str(getattr(error, "error_code", ""))
+    return text if not code or text.startswith(code) else f"{code}: {text}"
+
+
 def refused_folder(folder: Path) -> Path:
     """Where the items of tracking folder ``folder`` that the store refused are kept."""
     return folder.parent / REFUSED / folder.name
@@ -65,8 +71,8 @@ def set_aside_metrics(folder: Path, entries: list[tuple[str, float, int, int]], 
     target.mkdir(parents=True, exist_ok=True)
     with open(target / "metrics.jsonl", "a") as f:
         for entry in entries:
-            f.write(json.dumps([*entry, one_line(error, 400)], default=float) + "\n")
-    log.warning("tracking: MLflow refused %d metric(s) (%s); set aside in %s", len(entries), one_line(error, 300),
+            f.write(json.dumps([*entry, refusal(error, 400)], default=float) + "\n")
+    log.warning("tracking: MLflow refused %d metric(s) (%s); set aside in %s", len(entries), refusal(error),
                 target / "metrics.jsonl")
 
 
@@ -123,11 +129,11 @@ class Delivery:
                     raise
                 target = refused_folder(self.folder)
                 target.mkdir(parents=True, exist_ok=True)
-                (entry / "refused.txt").write_text(one_line(e, 2000) + "\n")
+                (entry / "refused.txt").write_text(refusal(e, 2000) + "\n")
                 kept = target / f"{time.strftime('%Y%m%d-%H%M%S')}-{entry.name}"  # a resumed run counts anew
                 os.replace(entry, kept)
                 log.warning("tracking: MLflow refused %s (%s); set aside in %s", artifact_queue.describe(kept),
-                            one_line(e, 300), kept)
+                            refusal(e), kept)
         return True
 
 
