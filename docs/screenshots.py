@@ -11,9 +11,9 @@ It makes, in --workdir with its own SQLite store: three sine runs (MAML, FOMAML,
 (MAML with algorithm.inner_lr=50), a 4-trial sweep over algorithm.inner_lr and a `metaray eval`; then starts
 `metaray ui`, opens the link it prints and saves:
 
-- mlflow-runs.png: the experiment's runs view, the sweep's parent expanded;
-- mlflow-sweep-parent.png: the sweep parent's charts (the metric it compared, the winner's results);
-- mlflow-run-evaluation.png: a run's charts (evaluation results as bars, the adaptation curve, training curves).
+- mlflow-runs.png: the experiment's runs view with its charts, the sweep's trials shown, held-out loss across runs;
+- mlflow-sweep-parent.png: the sweep parent's loss charts (the metric it compared, the winner's results);
+- mlflow-run-evaluation.png: a run's evaluation (results as bars, the adaptation curve).
 
 A few minutes on a 2-core machine (the runs are short: 300 meta-steps).
 """
@@ -103,9 +103,21 @@ def save(page, path: Path) -> None:
     print(f"{path}: {path.stat().st_size // 1024} KB", flush=True)
 
 
-def settle(page, seconds: float = 4.0) -> None:
-    page.wait_for_load_state("networkidle")
-    time.sleep(seconds)  # the charts draw after their data arrives
+def settle(page, text: str, seconds: float = 6.0) -> None:
+    """Wait for ``text`` on the page, then for the charts (drawn after their data arrives; the UI keeps polling,
+    so the network is never idle), and close MLflow's assistant panel, which takes a third of the page."""
+    page.get_by_text(text).first.wait_for(timeout=180_000)
+    time.sleep(seconds)
+    for close in page.get_by_label("Close").all():
+        if close.is_visible():
+            close.click(timeout=5_000)
+    time.sleep(1)
+
+
+def charts_of(page, search: str) -> None:
+    """Only the charts whose metric names contain ``search`` (the UI's own chart search)."""
+    page.get_by_placeholder("Search metric charts").first.fill(search)
+    time.sleep(4)
 
 
 def screenshots(work: Path, out: Path, port: int) -> None:
@@ -113,24 +125,25 @@ def screenshots(work: Path, out: Path, port: int) -> None:
 
     ui, link = start_ui(work, port)
     ids = run_ids(work)
-    parent = next(name for name in ids if "-sweep-" in name)
+    parent = next(name for name in ids if "sweep_" in name)
     base, _, query = link.partition("/runs?")
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_ARGS)
             page = browser.new_page(viewport=VIEWPORT)
-            page.goto(link)
-            settle(page)
-            expand = page.get_by_role("button", name=re.compile("expand", re.I))
-            if expand.count():
-                expand.first.click()
-                settle(page, 2)
+            # The runs view with its charts, the sweep's trials shown: held-out loss across runs.
+            page.goto(f"{link}&compareRunsMode=CHART")
+            settle(page, "sine-reptile")
+            page.locator("[role=row]").filter(has_text=parent[:12]).locator("button, [role=button]").first.click()
+            charts_of(page, "test/loss")
             save(page, out / "mlflow-runs.png")
             page.goto(f"{base}/runs/{ids[parent]}/model-metrics?{query}")
-            settle(page)
+            settle(page, "Model metrics")
+            charts_of(page, "loss")
             save(page, out / "mlflow-sweep-parent.png")
             page.goto(f"{base}/runs/{ids['sine-maml']}/model-metrics?{query}")
-            settle(page)
+            settle(page, "Model metrics")
+            charts_of(page, "eval/test")
             save(page, out / "mlflow-run-evaluation.png")
             browser.close()
     finally:

@@ -220,7 +220,8 @@ def float_sweep(tmp_path_factory, mlflow_store):
            "tracking": {"plots": False, "log_checkpoint": False, "flush_every_s": 0.2, "system_metrics": False}}
     path = tmp / "sine.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    code = main(["sweep", str(path), "--grid", "algorithm.inner_lr=[0.01, 0.001]", "--name", "floats",
+    # inner_lr 50 diverges at its first step: the trial ends "diverged", the sweep goes on and exits 0.
+    code = main(["sweep", str(path), "--grid", "algorithm.inner_lr=[0.01, 0.001, 50]", "--name", "floats",
                  "--experiment", "float-sweep", "--register", "sine-floats"])
     shutdown()  # the sweep's embedded Ray: the next test starts its own
     assert code == 0
@@ -235,9 +236,13 @@ def test_a_float_sweep_logs_every_trials_model_and_registers_the_best_one_that_a
     parent_id = json.loads((float_sweep / "sweep.json").read_text())["parent_run_id"]
     trials = {r.info.run_name: r for r in client.search_runs([exp.experiment_id],
                                                               f"tags.mlflow.parentRunId = '{parent_id}'")}
-    assert set(trials) == {"inner_lr-0.01_sine", "inner_lr-0.001_sine"}
+    assert set(trials) == {"inner_lr-0.01_sine", "inner_lr-0.001_sine", "inner_lr-50_sine"}
     models = {m.name: m for m in client.search_logged_models([exp.experiment_id])}
     assert set(models) == {"inner_lr-0p01_sine", "inner_lr-0p001_sine"}  # each trial's model, '.' written p
+    diverged = trials["inner_lr-50_sine"]
+    assert diverged.info.status == "FAILED" and diverged.data.tags["metaray.sweep.trial"] == "diverged"
+    assert diverged.data.tags["metaray.diverged"].startswith("diverged at step 0")
+    assert client.get_run(parent_id).data.metrics["sweep/diverged"] == 1
     best = client.get_run(parent_id).data.params["best.run"]
     (version,) = client.search_model_versions("name = 'sine-floats'")
     assert version.source == f"models:/{models[best.replace('.', 'p')].model_id}" and version.run_id == \

@@ -155,6 +155,14 @@ def test_plan_sets_each_trial_apart_and_sizes_its_placement_group(tmp_path):
         bundles = placement(t.config).bundles
         assert bundles == [{"CPU": 0.5}] + [{"CPU": 0.5}] * t.config.workers.num_workers  # learner + workers
     assert p.settings["metric"] == "meta/loss"  # no validation: the training loss on the trials' common batches
+    # Without --name, a sweep is named after what it sweeps (MLflow's run table cuts names at the end), numbered
+    # when its folder is taken.
+    unnamed = plan([str(write_config(tmp_path))], search=["outer.lr=grid([0.1])", "algorithm.inner_lr=grid([1])"])
+    assert unnamed.name == "lr-inner_lr-sweep_sine"
+    (tmp_path / "runs" / unnamed.name).mkdir(parents=True)
+    (tmp_path / "runs" / unnamed.name / "sweep.json").write_text("{}")
+    assert plan([str(write_config(tmp_path))], grid=["outer.lr=[0.1]", "algorithm.inner_lr=[1]"]).name == \
+        "lr-inner_lr-sweep_sine-2"
     assert plan([str(write_config(tmp_path))], ["eval.every=2"], name="v").settings["metric"] == "val/loss"
     gpu = load_config(write_config(tmp_path), ["workers.mode=ray", "workers.num_gpus=0.25", "workers.num_workers=2"])
     assert placement(gpu).bundles == [{"CPU": 0.5}, {"CPU": 0.5, "GPU": 0.25}, {"CPU": 0.5, "GPU": 0.25}]

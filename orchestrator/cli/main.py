@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
                                                       "registry as a new version of NAME")
     s.add_argument("--experiment", help="MLflow experiment of the whole sweep (default: the first config's)")
     s.add_argument("--name", help="name of the sweep: its folder <run.dir>/NAME and its parent MLflow run "
-                                  "(default: what it sweeps, e.g. sine-maml-sweep-inner_lr)")
+                                  "(default: what it sweeps, e.g. inner_lr-sweep_sine-maml)")
 
     u = sub.add_parser("ui", help="serve the MLflow UI for the tracking store")
     u.add_argument("--host", default="127.0.0.1",
@@ -189,6 +189,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _sweep(args: argparse.Namespace) -> int:
     from orchestrator.sweep.tuner import sweep  # Ray Tune takes ~1 s to import: only for sweeps
+
+    if args.register is not None and (not args.register.strip() or set("/:") & set(args.register)):
+        raise ConfigError(f"--register {args.register!r}: MLflow's model registry refuses '/' and ':' in a name; "
+                          "use e.g. --register sine-maml")
 
     result = sweep(args.configs, args.overrides, args.grid, args.experiment, args.name, search=args.search,
                    samples=args.samples, max_concurrent=args.max_concurrent, scheduler=args.scheduler,

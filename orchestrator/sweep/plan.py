@@ -101,10 +101,11 @@ def plan(paths: list[str], overrides: list[str] = (), search: list[str] = (), gr
 
 
 def default_name(first: Config, keys: list[str], configs: int) -> str:
-    """A sweep's name when ``--name`` is not given: what it sweeps, readable in MLflow's run table
-    (``sine-maml-sweep-inner_lr``, ``sine-maml-and-2-more-sweep``), numbered where that folder holds a sweep."""
+    """A sweep's name when ``--name`` is not given: what it sweeps first, as MLflow's run table cuts long names
+    at the end (``inner_lr-sweep_sine-maml``, ``sweep_sine-maml-and-2-more``), numbered ``-2``, ``-3`` where that
+    folder already holds a sweep."""
     base = first.run.name if configs == 1 else f"{first.run.name}-and-{configs - 1}-more"
-    name = "-".join([base, "sweep", *(k.rsplit(".", 1)[-1] for k in dict.fromkeys(keys))])
+    name = "-".join([*(k.rsplit(".", 1)[-1] for k in dict.fromkeys(keys)), "sweep"]) + f"_{base}"
     folder, n = Path(first.run.dir).resolve(), 1
     while (folder / (numbered := name if n == 1 else f"{name}-{n}") / STATE).exists():
         n += 1

@@ -121,7 +121,7 @@ def settle_children(trials: list[TrialOutcome], plan: Plan) -> None:
         if t.run_id is None:
             continue
         client.set_tag(t.run_id, "metaray.sweep.trial", t.status + (f" at step {t.step}" if t.status in (
-            "stopped early", "diverged", "unfinished") else ""))
+            "stopped early", "unfinished") else ""))
         if t.run_status == "RUNNING" or t.status == "unfinished":
             client.set_terminated(t.run_id, RUN_STATUS[t.status])
 
