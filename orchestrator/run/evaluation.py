@@ -189,8 +189,9 @@ def evaluate_and_report(cfg: Config, algorithm: Algorithm, group: Group, theta: 
 
 
 def summary_metrics(results: Results) -> dict[str, float]:
-    """``eval/<evaluation>/<metric>_step<k>`` (mean), ``..._ci95`` and ``eval/<evaluation>/diverged_step<k>``
-    (tasks left out). A value that does not exist (every task diverged, a CI of one task) is not logged."""
+    """``eval/<evaluation>/<metric>_step<k>`` (mean), ``..._ci95`` and, when any task of that evaluation diverged,
+    ``eval/<evaluation>/diverged_step<k>`` (tasks left out; zeros would only be empty charts in MLflow, and
+    eval/results.csv has them). A value that does not exist (every task diverged, a CI of one task) is not logged."""
     summary = {}
     for ev, metrics in results.items():
         for m, by_step in metrics.items():
@@ -199,8 +200,9 @@ def summary_metrics(results: Results) -> dict[str, float]:
                     summary[f"eval/{ev}/{m}_step{s}"] = sc.mean
                 if math.isfinite(sc.ci95):
                     summary[f"eval/{ev}/{m}_step{s}_ci95"] = sc.ci95
-        for s, sc in next(iter(metrics.values())).items():
-            summary[f"eval/{ev}/diverged_step{s}"] = float(sc.diverged)
+        counts = {s: sc.diverged for s, sc in next(iter(metrics.values())).items()}
+        if any(counts.values()):
+            summary.update({f"eval/{ev}/diverged_step{s}": float(n) for s, n in counts.items()})
     return summary
 
 
