@@ -12,7 +12,7 @@ It makes, in --workdir with its own SQLite store: three sine runs (MAML, FOMAML,
 `metaray ui`, opens the link it prints and saves:
 
 - mlflow-runs.png: the experiment's runs view with its charts, the sweep's trials shown, held-out loss across runs;
-- mlflow-sweep-parent.png: the sweep parent's loss charts (the metric it compared, the winner's results);
+- mlflow-sweep-parent.png: the sweep parent's page (the best trial's values, the numbers the sweep compared);
 - mlflow-run-evaluation.png: a run's evaluation (results as bars, the adaptation curve).
 
 A few minutes on a 2-core machine (the runs are short: 300 meta-steps).
@@ -135,15 +135,19 @@ def screenshots(work: Path, out: Path, port: int) -> None:
             page.goto(f"{link}&compareRunsMode=CHART")
             settle(page, "sine-reptile")
             page.locator("[role=row]").filter(has_text=parent[:12]).locator("button, [role=button]").first.click()
-            charts_of(page, "test/loss")
+            charts_of(page, "test/loss_step")
             save(page, out / "mlflow-runs.png")
-            page.goto(f"{base}/runs/{ids[parent]}/model-metrics?{query}")
-            settle(page, "Model metrics")
-            charts_of(page, "loss")
+            # The sweep's parent: the best trial's values and the numbers the sweep compared.
+            page.goto(f"{base}/runs/{ids[parent]}?{query}")
+            settle(page, "best.run")
+            page.set_viewport_size({"width": VIEWPORT["width"], "height": 1500})
+            page.get_by_text("best.run").first.scroll_into_view_if_needed()
+            time.sleep(2)
             save(page, out / "mlflow-sweep-parent.png")
+            page.set_viewport_size(VIEWPORT)
             page.goto(f"{base}/runs/{ids['sine-maml']}/model-metrics?{query}")
             settle(page, "Model metrics")
-            charts_of(page, "eval/test")
+            charts_of(page, "test/loss")
             save(page, out / "mlflow-run-evaluation.png")
             browser.close()
     finally:
