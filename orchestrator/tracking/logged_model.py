@@ -77,4 +77,10 @@ def save(folder: Path, blueprint: Blueprint, params: Params, example: dict[str, 
             str(folder), python_model=str(CODE), artifacts={"theta": str(theta), "blueprint": str(spec)},
             code_paths=[str(Path(learners.__file__).parent), str(Path(tasks.__file__).parent)],
             signature=signature(blueprint), input_example=example,
-            pip_requirements=[f"{p}=={metadata.version(p)}" for p in ("torch", "numpy", "pydantic", "mlflow")])
+            pip_requirements=[f"{p}=={metadata.version(p)}" for p in requirements(blueprint)])
+
+
+def requirements(blueprint: Blueprint) -> list[str]:
+    """The packages the model's code imports (cvxpylayers only for MetaOptNet's reference SVM solver)."""
+    return ["torch", "numpy", "pydantic", "mlflow",
+            *(["cvxpylayers"] if blueprint.algorithm.get("solver") == "cvxpylayers" else [])]
