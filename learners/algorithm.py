@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from torch import nn
 
 from learners.objective import Objective
 from learners.params import Params
@@ -41,10 +40,6 @@ class Algorithm(Protocol):
 
     def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
         """Outputs of the task model with ``task_params`` (from ``adapt``) at inputs ``x``."""
-        ...
-
-    def export(self, params: Params, batch: EpisodeBatch) -> tuple[nn.Module, torch.Tensor]:
-        """The meta-learned model as a plain module holding ``params``, and an example input from ``batch``."""
         ...
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:

@@ -107,6 +107,21 @@ def fine_tuning_rule(algorithm, lr: float) -> InnerUpdate:
     return InnerUpdate(lr) if own is None else own.with_lr(lr)
 
 
+def fine_tune(algorithm, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int,
+              lr: float) -> Params:
+    """One task's model after ``steps`` test-time steps from ``algorithm.start``: the model that evaluation
+    scores as "after ``steps`` steps" (``adaptation_curve``, same rule, same order of operations)."""
+    update = fine_tuning_rule(algorithm, lr)
+    start = {k: v.detach() for k, v in algorithm.start(params, support_x, support_y).items()}
+    keys = algorithm.tunable(start)
+    task = update.at_step(start, start, 0)
+    for s in range(steps):
+        task = inner_step(algorithm.predict, algorithm.objective, start, task, keys, support_x, support_y, s, update,
+                          first_order=True)
+        task = {k: v.detach() for k, v in task.items()}
+    return task
+
+
 def adaptation_curves(algorithm, params: Params, batch, steps: int, lr: float) -> dict[str, torch.Tensor]:
     """Per-task query loss (and metrics) after 0..``steps`` inner steps, ``[T, steps + 1]`` each.
 

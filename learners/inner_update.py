@@ -87,22 +87,3 @@ def norm_keys(model: nn.Module) -> tuple[str, ...]:
     """Names of the affine parameters of every batch-norm layer of ``model``."""
     return tuple(f"{prefix}.{name}" for prefix, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) for name, _ in m.named_parameters(recurse=False))
-
-
-class MetaModel(nn.Module):
-    """The exported model: the network before adaptation (``forward``), plus the learned inner-loop state
-    (``inner``: rates, per-step norms) under θ's names with ``.`` written as ``/``."""
-
-    def __init__(self, model: nn.Module, learned: Params):
-        super().__init__()
-        self.model = model
-        self.inner = nn.ParameterDict({k.replace(".", "/"): nn.Parameter(v.detach().cpu().clone(),
-                                                                         requires_grad=False)
-                                       for k, v in learned.items()})
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def learned(self) -> Params:
-        """The inner-loop state under θ's names (``inner_lr.0.weight``, ...)."""
-        return {k.replace("/", "."): v for k, v in self.inner.items()}

@@ -41,7 +41,7 @@ def init_params(module: nn.Module, seed: int, dtype: torch.dtype = torch.float32
 
 
 def materialize(module: nn.Module, params: Params) -> nn.Module:
-    """A real (CPU) copy of ``module`` holding ``params``: for export, e.g. ``mlflow.pytorch.log_model``."""
+    """A real (CPU) copy of ``module`` holding ``params`` (e.g. to run it as a plain module)."""
     real = copy.deepcopy(module).to_empty(device="cpu")
     real.load_state_dict({k: v.detach().cpu() for k, v in params.items()}, strict=True)
     return real.eval()

@@ -13,11 +13,9 @@ import torch
 from torch import nn
 
 from learners.algorithm import Algorithm
-from learners.models.classifier import Classifier
-from learners.models.conv4 import Conv4
-from learners.models.mlp import MLP
-from learners.models.resnet12 import ResNet12
-from learners.objective import MSE, CrossEntropy, Objective
+from learners.models.build import task_model
+from learners.objective import Objective
+from learners.predictor import Blueprint
 from learners.registry import Parts
 from orchestrator.config import Config, ConfigError
 from orchestrator.config.task import ImageTaskConfig, SineTaskConfig, TaskConfig
@@ -131,23 +129,17 @@ def build_model(cfg: Config, n_way: int | None = None) -> tuple[nn.Module, Objec
 
     Its head has ``n_way`` outputs (default: the evaluation episodes', ``task.n_way``).
     """
-    with torch.device("meta"):
-        if isinstance(cfg.task, SineTaskConfig):
-            return MLP(1, list(cfg.model.hidden), 1), MSE(), 1
+    shape = None
+    if not isinstance(cfg.task, SineTaskConfig):
         from tasks.store import ImageStore
 
         shape = ImageStore.open(cfg.task.store).image_shape
-        channels, height, _ = shape
-        if height < 16:
+        if shape[1] < 16:
             raise ConfigError(f"model.backbone: {cfg.model.backbone} pools 4 times and needs images of at least "
-                              f"16x16; {cfg.task.store} holds {height}x{height} (convert with --size 28 or more)")
+                              f"16x16; {cfg.task.store} holds {shape[1]}x{shape[1]} (convert with --size 28 or more)")
         n_way = n_way or cfg.task.n_way
-        if cfg.model.backbone == "resnet12":
-            net = ResNet12(channels)
-            model = Classifier(net, net.out_features(shape), n_way)
-        else:
-            model = Conv4(channels, height, n_way, cfg.model.width)
-        return model, CrossEntropy(), channels * height * height
+    m = cfg.model
+    return task_model(m.backbone, hidden=m.hidden, width=m.width, image_shape=shape, n_way=n_way)
 
 
 def build_algorithm(cfg: Config, split: Split = "eval", device: torch.device | str = "cpu") -> Algorithm:
@@ -158,3 +150,18 @@ def build_algorithm(cfg: Config, split: Split = "eval", device: torch.device | s
     a = cfg.algorithm
     strategy = AUTO_STRATEGY[torch.device(device).type, cfg.model.backbone] if a.strategy == "auto" else a.strategy
     return a.build(Parts(model, objective, in_features, n_way, strategy))
+
+
+def blueprint(cfg: Config) -> Blueprint:
+    """What the logged model rebuilds the evaluation's algorithm from (``learners.predictor``), as plain data."""
+    m, image = cfg.model, None
+    if isinstance(cfg.task, ImageTaskConfig):
+        from tasks.store import ImageStore
+
+        store = ImageStore.open(cfg.task.store)
+        # The converters say in words how they made the pixels; Omniglot's are inverted (strokes bright).
+        image = {"shape": list(store.image_shape), "invert": "inverted" in store.preprocessing,
+                 "preprocessing": store.preprocessing}
+    return Blueprint(algorithm=cfg.algorithm.model_dump(mode="json"), backbone=m.backbone, hidden=list(m.hidden),
+                     width=m.width, image=image, n_way=cfg.task.n_way if image else None,
+                     eval_lr=cfg.eval.inner_lr or cfg.algorithm.inner_lr)

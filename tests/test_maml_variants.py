@@ -13,7 +13,7 @@ from conftest import flat, tiny_config
 from learners.algorithms.imaml import IMAML
 from learners.algorithms.maml import MAML
 from learners.inner_loop import adaptation_curves
-from learners.inner_update import NORM, RATE, InnerUpdate, MetaModel, norm_keys
+from learners.inner_update import NORM, RATE, InnerUpdate, norm_keys
 from learners.models.conv4 import Conv4
 from learners.models.mlp import MLP
 from learners.objective import MSE, CrossEntropy
@@ -315,23 +315,6 @@ def test_evaluation_adapts_with_the_learned_rates():
         torch.testing.assert_close(curves["loss"][i, 1], expected.detach(), rtol=1e-10, atol=1e-12)
     plain = adaptation_curves(MAML(model, MSE(), 1, 0.05), params, batch, steps=1, lr=0.05)
     assert not torch.allclose(plain["loss"][:, 1], curves["loss"][:, 1])
-
-
-def test_export_holds_the_learned_inner_state():
-    model = conv4()
-    alg = MAML(model, CrossEntropy(), 2, 0.1, update=InnerUpdate(0.1, "per_layer_per_step", 2,
-                                                                 step_norms=norm_keys(model)))
-    params = alg.init_params(0)
-    params = {k: v + 0.01 * torch.arange(v.numel()).view_as(v) if k.startswith(NORM) else v for k, v in params.items()}
-    batch = image_batch().to("cpu", torch.float32)
-    module, example = alg.export(params, batch)
-    assert isinstance(module, MetaModel)
-    assert module.learned().keys() == {k for k in params if k.startswith((RATE, NORM))}
-    assert all(torch.equal(module.learned()[k], params[k]) for k in module.learned())
-    torch.testing.assert_close(module(example), alg.predict(alg.start(params, None, None), example))
-    # Plain MAML still exports the bare network.
-    assert not isinstance(MAML(model, CrossEntropy()).export(MAML(model, CrossEntropy()).init_params(0), batch)[0],
-                          MetaModel)
 
 
 @pytest.mark.parametrize("sets, key", [

@@ -12,7 +12,7 @@ from torch.func import functional_call, grad
 
 from conftest import flat, tiny_config
 from learners.objective import query_stats
-from learners.params import init_params, materialize
+from learners.params import init_params
 from learners.registry import AlgorithmConfig, Parts, register, variants
 from learners.strategy import sum_over_tasks
 from orchestrator import train
@@ -43,9 +43,6 @@ class ShrunkGradient:
 
     def tunable(self, task_params):
         return tuple(task_params)
-
-    def export(self, params, batch):
-        return materialize(self.model, params), batch.query_x[0]
 
     def task_gradient(self, params, sx, sy, qx, qy):
         g = grad(lambda p: self.objective.loss(self.predict(p, qx), qy))(params)

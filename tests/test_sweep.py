@@ -155,6 +155,14 @@ def test_plan_sets_each_trial_apart_and_sizes_its_placement_group(tmp_path):
         bundles = placement(t.config).bundles
         assert bundles == [{"CPU": 0.5}] + [{"CPU": 0.5}] * t.config.workers.num_workers  # learner + workers
     assert p.settings["metric"] == "meta/loss"  # no validation: the training loss on the trials' common batches
+    # Without --name, a sweep is named after what it sweeps (MLflow's run table cuts names at the end), numbered
+    # when its folder is taken.
+    unnamed = plan([str(write_config(tmp_path))], search=["outer.lr=grid([0.1])", "algorithm.inner_lr=grid([1])"])
+    assert unnamed.name == "lr-inner_lr-sweep_sine"
+    (tmp_path / "runs" / unnamed.name).mkdir(parents=True)
+    (tmp_path / "runs" / unnamed.name / "sweep.json").write_text("{}")
+    assert plan([str(write_config(tmp_path))], grid=["outer.lr=[0.1]", "algorithm.inner_lr=[1]"]).name == \
+        "lr-inner_lr-sweep_sine-2"
     assert plan([str(write_config(tmp_path))], ["eval.every=2"], name="v").settings["metric"] == "val/loss"
     gpu = load_config(write_config(tmp_path), ["workers.mode=ray", "workers.num_gpus=0.25", "workers.num_workers=2"])
     assert placement(gpu).bundles == [{"CPU": 0.5}, {"CPU": 0.5, "GPU": 0.25}, {"CPU": 0.5, "GPU": 0.25}]
@@ -164,7 +172,7 @@ def test_plan_sets_each_trial_apart_and_sizes_its_placement_group(tmp_path):
 def test_comparison_plot_marks_a_diverged_trial_instead_of_stretching_the_axes():
     def trial(name, curve, held_out, lr):
         return TrialOutcome(name, {"algorithm.inner_lr": lr, "outer.lr": 0.001}, {}, "completed", 3,
-                            curve[-1][1], curve, held_out=held_out)
+                            curve[-1][1], curve, curves={"eval/test/loss_curve": held_out})
 
     trials = [trial("a", [(1, 3.0), (2, 2.0), (3, 1.5)], [3.0, 1.0], 0.01),
               trial("b", [(1, 3.0), (2, 1.8e308), (3, math.inf)], [3.0, 1e33, math.nan], 0.1),
@@ -204,11 +212,14 @@ def test_register_makes_the_best_trials_model_a_registry_version(tmp_path, mlflo
 def test_trials_live_in_their_placement_group_match_a_solo_run_and_a_crash_is_reported(tmp_path, ray_local,
                                                                                       mlflow_store):
     """Each trial's group takes every CPU of this Ray: workers outside it would never be placed. One trial
-    crashes (its worker cannot start within 1 ms); the other trains on and equals the same config alone."""
+    crashes (its worker cannot start within 1 ms); the other trains on and equals the same config alone. Both
+    are named after a float ('.' in the name): the best one's model is logged and registered all the same. The
+    parent run holds the numbers the sweep compared."""
     half = ray_local.cluster_resources()["CPU"] / 2
-    path = write_config(tmp_path, workers={"mode": "ray", "learner_num_cpus": half, "num_cpus": half})
-    result = sweep([str(path)], grid=["workers.start_timeout_s=[60, 0.001]"], name="pg", experiment="sweep-pg",
-                   max_concurrent=1)
+    path = write_config(tmp_path, workers={"mode": "ray", "learner_num_cpus": half, "num_cpus": half},
+                        run={"log_every": 2}, tracking={"log_model": True, "system_metrics": False})
+    result = sweep([str(path)], grid=["workers.start_timeout_s=[60.5, 0.001]"], name="pg", experiment="sweep-pg",
+                   max_concurrent=1, register="sine-pg")
     ok, crashed = result.trials
     assert ok.status == "completed" and ok.step == STEPS
     assert crashed.status == "failed" and "RunFailed" in crashed.error and "was not placed" in crashed.error
@@ -221,6 +232,20 @@ def test_trials_live_in_their_placement_group_match_a_solo_run_and_a_crash_is_re
     assert steps_of(client, ok.run_id) == list(range(STEPS))
     parent = client.get_run(result.parent_run_id)
     assert parent.data.params["best.run"] == ok.name and parent.data.metrics["sweep/failed"] == 1
+    # The parent's meta/loss is what the sweep compared: the mean over each report's window, at its step (the
+    # last one the results table's); the evaluation results sit at step 0 (bars), the held-out curve is whole.
+    compared = sorted(client.get_metric_history(result.parent_run_id, "meta/loss"), key=lambda m: m.step)
+    assert [m.step for m in compared] == [s for s, _ in ok.curve]
+    assert [m.value for m in compared] == pytest.approx([v for _, v in ok.curve])
+    assert parent.data.metrics["meta/loss"] == pytest.approx(ok.metric) and len(ok.curve) == STEPS // 2
+    assert steps_of(client, result.parent_run_id, "eval/test/loss_step1") == [0]
+    assert steps_of(client, result.parent_run_id, "eval/test/loss_curve") == [0, 1]
+    assert "perf/step_s" not in parent.data.metrics  # the child's per-step training metrics stay in the child
+    # The trial named after 60.5 has its model (MLflow refuses '.' in model names), registered as the best.
+    assert ok.name == "start_timeout_s-60.5_sine"
+    (model,) = client.search_logged_models([parent.info.experiment_id])
+    (version,) = client.search_model_versions("name = 'sine-pg'")
+    assert model.name == "start_timeout_s-60p5_sine" and version.source == f"models:/{model.model_id}"
 
     # Alone, in this process, with the same share count (the group sums shares in order, wherever they ran).
     solo = train(load_config(path, ["workers.mode=inprocess", "run.name=alone", "tracking.enabled=false"]),

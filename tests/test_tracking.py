@@ -14,6 +14,7 @@ import urllib.request
 import mlflow
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
@@ -78,10 +79,10 @@ def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
     for cfg, result in zip(cfgs, results):
         run = runs[cfg.run.name]
         assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
-        expected = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in cfg.flat().items()}
+        expected = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in cfg.params().items()}
         assert {k: run.data.params[k] for k in expected} == expected
-        assert run.data.params["resources.workers"] == "1"  # in-process: one worker, the learner's
-        assert run.data.params["resources.shares"] == "2"
+        assert run.data.tags["metaray.resources.workers"] == "1"  # in-process: one worker, the learner's
+        assert run.data.tags["metaray.workers"] == "inprocess, 2 workers, 2 shares"
         assert run.data.tags["metaray.algorithm"] == cfg.algorithm.name
         assert run.data.tags["metaray.task_family"] == "sine" and "metaray.version" in run.data.tags
         for key in PER_STEP:
@@ -89,7 +90,7 @@ def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
         assert steps_of(client, run.info.run_id, "eval/test/loss_curve") == [0, 1]
         stored = run.data.metrics["eval/test/loss_step1"]
         assert stored == pytest.approx(result.results["test"]["loss"][1].mean)
-        assert run.data.metrics["eval/test/diverged_step1"] == 0
+        assert "eval/test/diverged_step1" not in run.data.metrics  # none diverged (test_report: some did)
         assert "system/cpu_utilization_percentage" in run.data.metrics  # the System metrics tab has data
         files = artifacts(client, run.info.run_id)
         for f in ("config.yaml", "checkpoint/checkpoint.pt", "plots/learning_curves.png", "plots/loss_vs_steps.png",
@@ -103,14 +104,14 @@ def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
         assert float(rows["test", "loss", "1"][4]) == pytest.approx(score.ci95, rel=1e-5)
         assert not (cfg.run_dir / "tracking").exists()  # everything delivered: nothing kept in the run folder
     # The model is a LoggedModel named after its run, holding the trained θ, with the final evaluation
-    # (and no training step) linked; the maml run's is registered.
+    # (at step 0, as in the run, and no training step) linked; the maml run's is registered.
     models = {m.name: m for m in client.search_logged_models([exp.experiment_id])}
     assert set(models) == {"maml-run", "reptile-run"}
     maml_model = models["maml-run"]
     assert maml_model.source_run_id == results[0].run_id and maml_model.status == LoggedModelStatus.READY
     linked = {m.key: m for m in maml_model.metrics}
     assert linked["eval/test/loss_step1"].value == pytest.approx(results[0].results["test"]["loss"][1].mean)
-    assert {m.step for m in maml_model.metrics} == {6} and not any(k.startswith("meta/") for k in linked)
+    assert {m.step for m in maml_model.metrics} == {0} and not any(k.startswith("meta/") for k in linked)
     (version,) = client.search_model_versions("name = 'sine-maml'")
     assert version.source == f"models:/{maml_model.model_id}" and version.run_id == results[0].run_id
     assert register(server.url, results[1].run_id, "sine-reptile") == "1"  # after the fact, e.g. from the CLI
@@ -119,14 +120,17 @@ def test_two_runs_in_one_experiment_on_a_real_server(tmp_path, server):
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(server.url)
     try:
-        module = mlflow.pytorch.load_model(maml_model.model_uri)
+        model = mlflow.pyfunc.load_model(maml_model.model_uri)
     finally:
         mlflow.set_tracking_uri(before)
-    x = torch.linspace(-5, 5, 7)[:, None]
+    # It adapts to a task's support set (MAML's inner step) and predicts its queries.
+    sx, sy, x = torch.linspace(-5, 5, 5)[:, None], torch.linspace(-1, 1, 5)[:, None], torch.linspace(-5, 5, 7)[:, None]
     from orchestrator.build import build_algorithm
 
-    expected = build_algorithm(cfgs[0]).predict(results[0].params, x)
-    torch.testing.assert_close(module(x), expected)
+    algorithm = build_algorithm(cfgs[0])
+    expected = algorithm.predict(algorithm.adapt(results[0].params, sx, sy), x).detach()
+    got = model.predict({"support_x": sx.numpy(), "support_y": sy.numpy(), "query_x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), expected)
 
 
 def test_a_password_in_the_tracking_uri_is_used_and_saved_nowhere(tmp_path, server, ray_local, capfd, monkeypatch):
@@ -141,8 +145,10 @@ def test_a_password_in_the_tracking_uri_is_used_and_saved_nowhere(tmp_path, serv
     result = train(cfg)
     client = MlflowClient(server.url)
     run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED" and run.data.params["tracking.uri"].startswith("http://alice:***@127.0.0.1")
+    assert run.info.status == "FINISHED"
     assert {"config.yaml", "checkpoint/checkpoint.pt"} <= set(artifacts(client, result.run_id))
+    logged = yaml.safe_load(open(client.download_artifacts(result.run_id, "config.yaml", str(tmp_path))))
+    assert logged["tracking"]["uri"].startswith("http://alice:***@127.0.0.1")  # said to be there, not said what
     (model,) = client.search_logged_models([run.info.experiment_id], filter_string="name = 'secret'")
     seen = [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(model.params)]
     seen += list(capfd.readouterr())
@@ -319,7 +325,10 @@ def test_default_store_is_local_sqlite_and_ui_serves_it(tmp_path, monkeypatch):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(ui.pid, signal.SIGKILL)  # (nothing left to kill if it worked)
     assert ui.returncode == 0
-    assert f"http://127.0.0.1:{port}" in ui.stdout.read().decode()
+    printed = ui.stdout.read().decode()
+    # The link opens the experiment's runs in MLflow's model-training view (the UI's default is its GenAI view).
+    assert f"runs of metaray-sine: http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?" \
+           "workflowType=machine_learning" in printed, printed
     with pytest.raises(OSError):  # the MLflow server went with it
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
     left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).count(f"--port {port}")]
@@ -433,3 +442,127 @@ def test_resuming_a_run_that_was_already_evaluated_records_nothing_twice(tmp_pat
     more = train(tracked(tmp_path, mlflow_store, outer={"steps": 6}), resume=True)
     assert more.step == 6 and client.get_run(first.run_id).data.metrics["eval/test/loss_step1"] == pytest.approx(
         more.results["test"]["loss"][1].mean)
+
+
+# -- what a researcher reads in MLflow --------------------------------------------------------------------------
+
+def test_a_run_logs_the_params_it_is_compared_by_and_its_evaluation_as_results(tmp_path, mlflow_store):
+    """FOMAML on the MLP, with Adam: params say first_order true (its effective value), carry no Conv-4 or SGD key
+    and no plumbing (in config.yaml and tags instead), show floats rounded; the evaluation's results are at step 0
+    (one bar per run in MLflow's charts), the adaptation curve at its adaptation steps."""
+    cfg = tracked(tmp_path, mlflow_store, name="params", algorithm={"name": "fomaml"},
+                  outer={"lr": 0.0012345678901}, tracking={"system_metrics": False})
+    result = train(cfg)
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(result.run_id)
+    params = run.data.params
+    assert params["algorithm.first_order"] == "true" and params["algorithm.name"] == "fomaml"
+    assert params["model.hidden"] == "[16, 16]" and "model.width" not in params  # width is Conv-4's
+    assert params["outer.optimizer"] == "adam" and not {"outer.momentum", "outer.nesterov"} & set(params)
+    assert params["outer.lr"] == "0.00123457" and params["eval.inner_lr"] == "0.01"  # rounded; effective
+    assert not [k for k in params if k.startswith(("tracking.", "workers.", "run.dir"))]
+    assert run.data.tags["metaray.workers"] == "inprocess, 2 workers, 2 shares"
+    assert run.data.tags["metaray.resources.workers"] == "1"
+    saved = yaml.safe_load(open(client.download_artifacts(result.run_id, "config.yaml", str(tmp_path))))
+    assert saved["outer"]["lr"] == 0.0012345678901 and saved["tracking"]["uri"] == mlflow_store  # the exact config
+    assert steps_of(client, result.run_id, "eval/test/loss_step1") == [0]  # a result, not a point at step 5
+    assert steps_of(client, result.run_id, "eval/test/loss_step1_ci95") == [0]
+    assert steps_of(client, result.run_id, "eval/test/loss_curve") == [0, 1]
+    assert steps_of(client, result.run_id, "meta/loss") == list(range(5))
+
+
+def test_a_diverged_run_stops_tagged_and_failed_without_logging_the_blow_up(tmp_path, mlflow_store, capsys):
+    """inner_lr 50: the first meta-step's query loss after adaptation is ~1e10 times the loss before it. The run
+    stops there (exit 1, one line saying why), its MLflow run is FAILED and tagged metaray.diverged, and none of
+    its blown-up values reach the store (nor an evaluation, nor a model)."""
+    cfg = tracked(tmp_path, mlflow_store, name="diverges", algorithm={"inner_lr": 50.0},
+                  tracking={"system_metrics": False, "log_model": True, "plots": True})
+    path = tmp_path / "diverges.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metaray: failed: diverged at step 0: meta/loss" in err, err
+    assert "lower algorithm.inner_lr" in err
+    client = MlflowClient(mlflow_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("tracking-test").experiment_id],
+                                "attributes.run_name = 'diverges'")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["metaray.diverged"].startswith("diverged at step 0: meta/loss")
+    assert not [k for k in run.data.metrics if not k.startswith("system/")]  # nothing of the blown-up step
+    assert not client.search_logged_models([run.info.experiment_id], filter_string=(
+        f"source_run_id = '{run.info.run_id}'"))
+    assert checkpoint.load(cfg.run_dir).step == 1 and not (cfg.run_dir / "eval.json").exists()
+
+
+def test_the_comparison_with_other_runs_leaves_diverged_ones_out():
+    import numpy as np
+
+    from orchestrator.run.evaluation import comparable
+
+    own = np.array([4.0, 1.0, 0.5])
+    kept, left_out = comparable(own, {"fine": [4.1, 2.0, 1.0], "blown": [4.0, 5e5, 1e9], "nan": [4.0, float("nan")]})
+    assert list(kept) == ["fine"] and left_out == 2
+
+
+def test_figure_titles_fit_their_figures():
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from orchestrator.tracking import plots
+
+    history = {"inner/loss_before": list(np.linspace(4, 2, 300)), "inner/loss_after": list(np.linspace(3, 1, 300))}
+    curve = {f"run-with-a-rather-long-name-{i}": (np.array([4.0, 2.0, 1.0]), None) for i in range(3)}
+    for fig in (plots.learning_curves(history, 0),
+                plots.adaptation_plot(curve, "sine: held-out query loss (12 diverged runs left out)")):
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer, bounds = canvas.get_renderer(), fig.bbox
+        titles = [t for t in [fig._suptitle, *(ax.title for ax in fig.axes)] if t is not None and t.get_text()]
+        assert titles
+        for t in titles:
+            box = t.get_window_extent(renderer)
+            assert bounds.x0 <= box.x0 and box.x1 <= bounds.x1 and box.y1 <= bounds.y1, (t.get_text(), box, bounds)
+
+
+def test_ui_on_a_port_in_use_says_so_in_one_line(tmp_path, mlflow_store, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["ui", "--port", str(port), "--uri", mlflow_store]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"port {port} on 127.0.0.1 is in use" in err and f"--port {port + 1}" in err
+
+
+def test_what_the_store_refuses_is_set_aside_and_the_rest_delivered(tmp_path, mlflow_store, caplog):
+    """A request MLflow refuses (INVALID_PARAMETER_VALUE: a model name with '.', a metric key with '..') would
+    be refused again forever: it is set aside with MLflow's message on one line, and delivery goes on at once."""
+    from orchestrator.tracking.artifact_queue import ArtifactQueue
+    from orchestrator.tracking.delivery import finish, refused_folder
+
+    client = MlflowClient(mlflow_store)
+    exp = client.get_experiment_by_name("Default").experiment_id
+    run_id = client.create_run(exp).info.run_id
+    folder = tmp_path / "tracking" / run_id
+    log = MetricLog(folder)
+    log.append(0, 1000, {"good": 1.0, "bad/../key": 2.0})
+    log.append(1, 1001, {"good": 3.0})
+    log.close()
+    queue = ArtifactQueue(folder / "outbox")
+    queue.put_model(lambda target: target.mkdir(), name="lr0.01", step=1, params={}, metrics=[], register=None)
+    (tmp_path / "note.txt").write_text("kept")
+    queue.put_file(tmp_path / "note.txt")
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="metaray"):
+        assert finish(mlflow_delivery(folder, client, run_id, exp), timeout_s=60) is None
+    assert time.monotonic() - started < 30  # not retried until the timeout
+    assert steps_of(client, run_id, "good") == [0, 1] and "note.txt" in artifacts(client, run_id)
+    kept = refused_folder(folder)
+    (entry,) = [p for p in kept.iterdir() if p.is_dir()]
+    assert "INVALID_PARAMETER_VALUE" in (entry / "refused.txt").read_text()
+    assert json.loads((kept / "metrics.jsonl").read_text().splitlines()[0])[:4] == ["bad/../key", 2.0, 1000, 0]
+    warnings = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings), warnings
+    assert any("the model 'lr0.01'" in w and "Invalid model name" in w for w in warnings), warnings

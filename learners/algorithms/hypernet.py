@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from learners.objective import Objective, query_stats
-from learners.params import Params, ParamSpec, init_params, materialize
+from learners.params import Params, ParamSpec, init_params
 from learners.registry import AlgorithmConfig, Parts, register
 from learners.strategy import Strategy, Summed, sum_over_tasks
 from tasks.episode import EpisodeBatch
@@ -64,10 +64,6 @@ class HyperNetwork:
 
     def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.target, task_params, (x,))
-
-    def export(self, params: Params, batch: EpisodeBatch) -> tuple[nn.Module, torch.Tensor]:
-        # The exported model is the DeepSet: (x, y) support pairs in, the task model's flat weights out.
-        return materialize(self._net, params), _pairs(batch.support_x[0], batch.support_y[0])
 
     def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         return self.adapt(params, support_x, support_y)

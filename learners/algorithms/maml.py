@@ -31,10 +31,10 @@ equal to the plain path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import NonNegativeInt
+from pydantic import NonNegativeInt, model_validator
 from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -42,9 +42,9 @@ from torch.utils.checkpoint import checkpoint
 
 from learners.algorithms.maml_batched import batched_losses
 from learners.inner_loop import descend, inner_step
-from learners.inner_update import InnerUpdate, MetaModel, norm_keys
+from learners.inner_update import InnerUpdate, norm_keys
 from learners.objective import Objective, query_stats
-from learners.params import Params, init_params, materialize
+from learners.params import Params, init_params
 from learners.registry import AlgorithmConfig, Parts, register
 from learners.strategy import LossFn, Strategy, Summed, compiled_tasks, gradient_of, sum_of_losses, sum_over_tasks
 from tasks.episode import EpisodeBatch
@@ -87,12 +87,6 @@ class MAML:
     def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
         # Task parameters may carry the rule's entries of θ (rates, per-step norms): the model takes its own.
         return functional_call(self.model, {k: task_params[k] for k in self._model_keys}, (x,))
-
-    def export(self, params: Params, batch: EpisodeBatch) -> tuple[nn.Module, torch.Tensor]:
-        task = self.update.at_step(params, params, 0)
-        module = materialize(self.model, {k: task[k] for k in self._model_keys})
-        learned = {k: v for k, v in params.items() if k not in self._model_keys}
-        return (MetaModel(module, learned) if learned else module), batch.query_x[0]
 
     def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         return self.update.at_step(params, params, 0)
@@ -202,7 +196,7 @@ class MAMLConfig(AlgorithmConfig):
     inner_steps: NonNegativeInt = 1
     """SGD steps on the support set in the inner loop."""
     first_order: bool = False
-    """Detach inner gradients (implied by fomaml)."""
+    """Detach inner gradients (always true for fomaml)."""
     lslr: bool = False
     """MAML++: learn one step size per parameter tensor and inner step (initialized to inner_lr), part of θ; at
     evaluation steps beyond inner_steps reuse the last step's."""
@@ -219,6 +213,14 @@ class MAMLConfig(AlgorithmConfig):
     checkpoint_inner: bool = False
     """Recompute each inner step in the backward pass: second-order memory of one step instead of all of them, for
     ~1.3-1.5x the compute. Runs tasks one at a time (strategy loop)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fomaml_is_first_order(cls, data: Any) -> Any:
+        # The effective value, so that the config (and the run's params) say what runs.
+        if isinstance(data, dict) and data.get("name") == "fomaml":
+            return {**data, "first_order": True}
+        return data
 
     def build(self, parts: Parts) -> MAML:
         inner_keys = parts.model.head_keys if self.name == "anil" else None

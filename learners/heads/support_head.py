@@ -2,8 +2,7 @@
 
 ProtoNet (prototypes) and MetaOptNet (a solved SVM or ridge fit) differ only in how the head
 is written (``start``); the rest is shared here: the meta-parameters are the embedding's (no head),
-adaptation is writing the head, test-time fine-tuning tunes that head, and the exported model is
-the embedding network.
+adaptation is writing the head, and test-time fine-tuning tunes that head.
 """
 
 from __future__ import annotations
@@ -11,13 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from torch.func import functional_call
 
-from learners.models.classifier import Classifier, feature_params
+from learners.models.classifier import Classifier
 from learners.objective import Objective
-from learners.params import Params, init_params, materialize
-from tasks.episode import EpisodeBatch
+from learners.params import Params, init_params
 
 
 @dataclass
@@ -41,7 +38,3 @@ class SupportHead:
 
     def predict(self, task_params: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, task_params, (x,))
-
-    def export(self, params: Params, batch: EpisodeBatch) -> tuple[nn.Module, torch.Tensor]:
-        # The meta-learned part is the embedding network: images in, embeddings out.
-        return materialize(self.model.features, feature_params(params)), batch.query_x[0]

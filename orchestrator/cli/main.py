@@ -6,6 +6,7 @@
                   [--samples N] [--max-concurrent N] [--scheduler fifo|asha] [--name NAME] [--resume]
     metaray ui [--host 127.0.0.1] [--port 5000] [--uri STORE] [--create]
     metaray deliver RUN_DIR
+    metaray predict MODEL_URI --support DIR --query DIR [--steps K]
     metaray --version
 
 User mistakes (bad config, unusable checkpoint or tracking store) print one
@@ -19,12 +20,14 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 from orchestrator.cli import data as data_cli
+from orchestrator.cli import predict as predict_cli
 from orchestrator.config import ConfigError, apply_overrides, load_config, parse_config
-from orchestrator.errors import RunFailed
+from orchestrator.errors import RunFailed, one_line
 from orchestrator.run import checkpoint
 from orchestrator.run.checkpoint import CheckpointError
 from orchestrator.run.interrupts import Interrupted
@@ -113,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
                                                       "registry as a new version of NAME")
     s.add_argument("--experiment", help="MLflow experiment of the whole sweep (default: the first config's)")
     s.add_argument("--name", help="name of the sweep: its folder <run.dir>/NAME and its parent MLflow run "
-                                  "(default: sweep-<date>-<time>)")
+                                  "(default: what it sweeps, e.g. inner_lr-sweep_sine-maml)")
 
     u = sub.add_parser("ui", help="serve the MLflow UI for the tracking store")
     u.add_argument("--host", default="127.0.0.1",
@@ -123,8 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--uri", help=f"tracking store (default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI})")
     u.add_argument("--create", action="store_true", help="start even where the store does not exist yet "
                                                         "(it is created empty)")
+    u.add_argument("--experiment", help="the experiment whose runs the printed link opens (default: the one with "
+                                        "the latest run)")
     d = sub.add_parser("deliver", help="send to MLflow what a run kept in its folder while the store was down")
     d.add_argument("run_dir", help="a run folder (runs/NAME)")
+    predict_cli.add_parser(sub)
     data_cli.add_parser(sub)
     return p
 
@@ -139,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "train":
-            train(load_config(args.config, args.overrides), resume=args.resume)
+            result = train(load_config(args.config, args.overrides), resume=args.resume)
+            if result.diverged:
+                print(f"metaray: failed: {result.diverged}", file=sys.stderr)
+                return 1
         elif args.command == "eval":
             _eval(args)
         elif args.command == "sweep":
@@ -148,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return _ui(args)
         elif args.command == "deliver":
             return 0 if deliver(args.run_dir) == 0 else 1
+        elif args.command == "predict":
+            return predict_cli.run(args)
         elif args.command == "data":
             return data_cli.run(args)
     except USER_ERRORS as e:
@@ -179,6 +190,10 @@ def _eval(args: argparse.Namespace) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from orchestrator.sweep.tuner import sweep  # Ray Tune takes ~1 s to import: only for sweeps
 
+    if args.register is not None and (not args.register.strip() or set("/:") & set(args.register)):
+        raise ConfigError(f"--register {args.register!r}: MLflow's model registry refuses '/' and ':' in a name; "
+                          "use e.g. --register sine-maml")
+
     result = sweep(args.configs, args.overrides, args.grid, args.experiment, args.name, search=args.search,
                    samples=args.samples, max_concurrent=args.max_concurrent, scheduler=args.scheduler,
                    metric=args.metric, mode=args.mode, resume=args.resume, register=args.register)
@@ -198,7 +213,13 @@ def _ui(args: argparse.Namespace) -> int:
     if path is not None and not path.exists() and not args.create:
         raise TrackingError(f"no MLflow store at {path} ({uri}); run metaray ui where the runs were tracked, pass "
                             "--uri, or --create to start on an empty store")
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    if not _port_free(args.host, args.port):
+        print(f"metaray: error: port {args.port} on {args.host} is in use (another metaray ui or MLflow server?); "
+              f"pass another --port, e.g. --port {args.port + 1}, or stop what serves it", file=sys.stderr)
+        return 2
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop)", flush=True)
+    print(_runs_link(uri, base, args.experiment), flush=True)
     # One server worker: this is one researcher's UI (MLflow's default of 4 workers takes ~10 s more to start on
     # a 2-core laptop); a team sharing a store runs `mlflow server` itself.
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
@@ -220,6 +241,46 @@ def _ui(args: argparse.Namespace) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
         _stop_group(server)
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether the server could listen on (host, port): checked first, because uvicorn's own failure to bind
+    is a multi-line log and exit status 0."""
+    with contextlib.closing(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+# MLflow's UI opens in its GenAI mode (traces, prompts) unless the link says otherwise, whatever the experiment's
+# kind tag says; the runs view of model training is the machine-learning mode.
+CLASSIC_VIEW = "workflowType=machine_learning"
+
+
+def _runs_link(uri: str, base: str, experiment: str | None) -> str:
+    """One line: the link to the runs view of ``experiment`` (default: the one with the latest run)."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(uri)
+        if experiment is not None:
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise TrackingError(f"--experiment {experiment!r}: no such experiment in {uri}")
+        else:
+            ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+            latest = client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+            found = client.get_experiment(latest[0].info.experiment_id) if latest else None
+    except TrackingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the UI still starts; only the link is generic
+        return f"experiments: {base}/#/experiments?{CLASSIC_VIEW} ({one_line(e, 120)})"
+    if found is None:
+        return f"experiments: {base}/#/experiments?{CLASSIC_VIEW}"
+    return f"runs of {found.name}: {base}/#/experiments/{found.experiment_id}/runs?{CLASSIC_VIEW}"
 
 
 def _stop_group(server: subprocess.Popen, grace_s: float = 10.0) -> None:

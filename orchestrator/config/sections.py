@@ -16,20 +16,25 @@ class ModelConfig(Strict):
     backbone: Literal["mlp", "conv4", "resnet12"] = "mlp"
     """mlp for vector tasks (sine); conv4 or resnet12 (MetaOptNet's 64-160-320-640) for images."""
     hidden: list[PositiveInt] = [40, 40]
-    """Hidden layer widths of the MLP (the MAML sine regressor is [40, 40])."""
+    """Hidden layer widths of the MLP (the MAML sine regressor is [40, 40]); mlp only."""
     width: PositiveInt = 64
-    """Filters per Conv-4 block (64 in most papers; MAML used 32 on miniImageNet)."""
+    """Filters per Conv-4 block (64 in most papers; MAML used 32 on miniImageNet); conv4 only."""
     precision: Literal["float32", "bfloat16"] = "float32"
     """bfloat16: the workers run the backbone under bfloat16 autocast (mixed precision); parameters, gradients
     and the sums over tasks stay float32."""
+
+
+OPTIMIZER_KEYS = {"adam": (), "sgd": ("momentum", "nesterov")}
+"""The outer-loop keys only one optimizer reads."""
 
 
 class OuterConfig(Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: PositiveFloat = 1e-3
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    """SGD momentum (MetaOptNet: 0.9 with Nesterov)."""
+    """SGD momentum (MetaOptNet: 0.9 with Nesterov); Adam ignores it."""
     nesterov: bool = False
+    """SGD only."""
     weight_decay: NonNegativeFloat = 0.0
     meta_batch_size: PositiveInt = 25
     """Tasks per meta-step."""

@@ -15,10 +15,12 @@ from typing import Any
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from learners.models.build import BACKBONE_KEYS
 from learners.registry import DEFAULT_ALGORITHM, AlgorithmConfig, variant, variants
 from orchestrator.config.base import ConfigError, InvalidKey, Strict
 from orchestrator.config.explain import explain
 from orchestrator.config.sections import (
+    OPTIMIZER_KEYS,
     EvalConfig,
     ModelConfig,
     OuterConfig,
@@ -109,6 +111,43 @@ class Config(Strict):
 
         walk("", self.model_dump(mode="json"))
         return out
+
+    def params(self) -> dict[str, Any]:
+        """The keys runs are compared by (MLflow params): ``flat()`` without what does not apply to this run or
+        does not change its results, with effective values, floats to 6 significant digits (the exact values
+        are in config.yaml).
+
+        Left out: ``workers.*``, ``tracking.*``, the run's folder, name and periods, ``eval.batch_tasks``,
+        ``algorithm.strategy`` (how, not what), the model keys of other backbones (``model.width`` is Conv-4's),
+        the optimizer keys of the other optimizer (``outer.momentum`` is SGD's), validation keys without
+        validation, and unset keys; ``eval.inner_lr`` is the step size evaluation uses.
+        """
+        own = set(BACKBONE_KEYS[self.model.backbone]) | set(OPTIMIZER_KEYS[self.outer.optimizer])
+        foreign = {k for keys in (*BACKBONE_KEYS.values(), *OPTIMIZER_KEYS.values()) for k in keys} - own
+        out: dict[str, Any] = {}
+        for key, value in {**self.flat(), "eval.inner_lr": self.eval.inner_lr or self.algorithm.inner_lr}.items():
+            section, _, name = key.partition(".")
+            if (section in PLUMBING_SECTIONS or key in PLUMBING_KEYS or value is None
+                    or (section in ("model", "outer") and name in foreign)
+                    or (key in VALIDATION_KEYS and not self.eval.every)):
+                continue
+            out[key] = _rounded(value)
+        return out
+
+
+PLUMBING_SECTIONS = ("workers", "tracking")
+PLUMBING_KEYS = ("run.name", "run.dir", "run.checkpoint_every", "run.log_every", "eval.batch_tasks",
+                 "algorithm.strategy")
+VALIDATION_KEYS = ("eval.val_tasks", "eval.select", "eval.patience")
+
+
+def _rounded(value: Any) -> Any:
+    """Floats (also in lists) to 6 significant digits: 0.1 + 0.2 is shown as 0.3."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 class _Loader(yaml.SafeLoader):

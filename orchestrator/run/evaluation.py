@@ -25,6 +25,7 @@ from orchestrator.atomic import write_atomic
 from orchestrator.build import build_tasks
 from orchestrator.config import Config
 from orchestrator.config.task import SineTaskConfig
+from orchestrator.run.divergence import FACTOR as DIVERGED_FACTOR
 from orchestrator.tracking import plots
 from orchestrator.workers.group import Group
 from tasks.episode import EpisodeIds, Purpose
@@ -164,7 +165,6 @@ def to_csv(results: dict[str, dict[str, dict[int, Score]]]) -> str:
                 rows.append(f"{ev},{m},{s},{sc.mean:.6g},{sc.ci95:.6g},{sc.mean - sc.ci95:.6g},{sc.mean + sc.ci95:.6g},"
                             f"{sc.n},{sc.diverged}")
     return "\n".join(rows) + "\n"
-  # a training run's test results, beside its checkpoint
 
 
 def evaluate_and_report(cfg: Config, algorithm: Algorithm, group: Group, theta: np.ndarray,
@@ -195,8 +195,9 @@ def evaluate_and_report(cfg: Config, algorithm: Algorithm, group: Group, theta: 
 
 
 def summary_metrics(results: Results) -> dict[str, float]:
-    """``eval/<evaluation>/<metric>_step<k>`` (mean), ``..._ci95`` and ``eval/<evaluation>/diverged_step<k>``
-    (tasks left out). A value that does not exist (every task diverged, a CI of one task) is not logged."""
+    """``eval/<evaluation>/<metric>_step<k>`` (mean), ``..._ci95`` and, when any task of that evaluation diverged,
+    ``eval/<evaluation>/diverged_step<k>`` (tasks left out; zeros would only be empty charts in MLflow, and
+    eval/results.csv has them). A value that does not exist (every task diverged, a CI of one task) is not logged."""
     summary = {}
     for ev, metrics in results.items():
         for m, by_step in metrics.items():
@@ -205,16 +206,32 @@ def summary_metrics(results: Results) -> dict[str, float]:
                     summary[f"eval/{ev}/{m}_step{s}"] = sc.mean
                 if math.isfinite(sc.ci95):
                     summary[f"eval/{ev}/{m}_step{s}_ci95"] = sc.ci95
-        for s, sc in next(iter(metrics.values())).items():
-            summary[f"eval/{ev}/diverged_step{s}"] = float(sc.diverged)
+        counts = {s: sc.diverged for s, sc in next(iter(metrics.values())).items()}
+        if any(counts.values()):
+            summary.update({f"eval/{ev}/diverged_step{s}": float(n) for s, n in counts.items()})
     return summary
 
 
+def comparable(own: np.ndarray, others: dict[str, list[float]]) -> tuple[dict[str, np.ndarray], int]:
+    """The other runs' curves worth drawing beside ``own`` (a loss per adaptation step), and how many are left out:
+    a curve that is not finite, or that rises above ``DIVERGED_FACTOR`` times this run's loss before adapting,
+    diverged, and would only stretch the axis."""
+    finite = own[np.isfinite(own)]
+    ceiling = DIVERGED_FACTOR * float(finite[0]) if finite.size else np.inf
+    kept = {}
+    for name, values in others.items():
+        values = np.asarray(values, dtype=float)
+        if values.size and np.all(np.isfinite(values)) and values.max() <= ceiling:
+            kept[name] = values
+    return kept, len(others) - len(kept)
+
+
 def _log_plots(cfg: Config, algorithm: Algorithm, theta: np.ndarray, tracker, summaries) -> None:
-    lines = {f"this run ({algorithm.name})": summaries["test"]["loss"]}
-    for name, values in tracker.sibling_curves("eval/test/loss_curve").items():
-        lines.setdefault(name, (np.asarray(values), None))
-    tracker.log_figure(plots.adaptation_plot(lines, f"{cfg.task.family}: held-out query loss"), "loss_vs_steps")
+    own = summaries["test"]["loss"]
+    others, left_out = comparable(own[0], tracker.sibling_curves("eval/test/loss_curve"))
+    lines = {f"this run ({algorithm.name})": own, **{k: (v, None) for k, v in others.items()}}
+    title = f"{cfg.task.family}: held-out query loss" + (f" ({left_out} diverged runs left out)" if left_out else "")
+    tracker.log_figure(plots.adaptation_plot(lines, title), "loss_vs_steps")
     tracker.log_figure(plots.evaluation_curves(summaries, f"{algorithm.name}: held-out tasks, mean and 95% CI"),
                        "eval_curves")
     if isinstance(cfg.task, SineTaskConfig):

@@ -23,16 +23,18 @@ import numpy as np
 
 from learners.params import Params, ParamSpec
 from orchestrator.atomic import write_atomic
-from orchestrator.build import build_algorithm, build_tasks, check_tasks
+from orchestrator.build import blueprint, build_algorithm, build_tasks, check_tasks
 from orchestrator.config import Config
 from orchestrator.errors import DiskFull
 from orchestrator.run import checkpoint
 from orchestrator.run.central_learner import CentralLearner
+from orchestrator.run.divergence import Divergence
 from orchestrator.run.evaluation import EVAL_FILE, Results, evaluate_and_report, finite_or_none, from_json, mean_ci
 from orchestrator.run.interrupts import Interrupted, StopSignals
 from orchestrator.run.selection import BEST, selection_for, validate
 from orchestrator.run.services import Services
 from orchestrator.tracking import plots
+from orchestrator.tracking.logged_model import example_task
 from orchestrator.tracking.tracker import open_tracker
 from tasks.episode import EpisodeIds, Purpose
 
@@ -57,6 +59,7 @@ class TrainResult:
     test_curve: tuple[np.ndarray, np.ndarray] | None  # held-out query loss (mean, 95% CI) after 0..k steps
     learner_pid: int  # the process that ran the learner (this one, or a learner actor's)
     tested_step: int  # the step of the θ the test results are of (the best checkpoint's, with validation)
+    diverged: str | None = None  # why training stopped on divergence (``divergence``); then nothing was evaluated
 
 
 def train_here(cfg: Config, resume: bool = False, evaluate: bool = True, out=None, parent_run_id: str | None = None,
@@ -79,7 +82,9 @@ def train_here(cfg: Config, resume: bool = False, evaluate: bool = True, out=Non
         with Services(tracker, out) as services, signals.installed():
             recipe.setup(services, signals)
             recipe.train(signals, on_step)
-            if evaluate and not recipe.stopped:
+            if recipe.diverged:
+                services.fail(recipe.diverged)
+            if evaluate and not (recipe.stopped or recipe.diverged):
                 recipe.evaluate()
             else:
                 recipe.save_artifacts()
@@ -99,6 +104,8 @@ class TrainRecipe:
         self.selection = selection_for(cfg, self.algorithm.objective.metric_names)
         self.history: dict[str, list[float]] = {}
         self.stopped = False  # by on_step
+        self.divergence = Divergence()
+        self.diverged: str | None = None
         self.results: Results = {}
         self.test_curve: tuple[np.ndarray, np.ndarray] | None = None
         self.tested_step = 0
@@ -118,8 +125,7 @@ class TrainRecipe:
                 self.selection.load_state_dict(self.saved.selection)
         self.first_step = self.learner.step
         write_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())
-        self.tracker.log_params({**cfg.flat(), "resources.shares": cfg.workers.share_count,
-                                 **self.group.resources()})
+        self.tracker.log_config(cfg, self.group.resources())
         self.tracker.log_artifact(cfg.run_dir / "config.yaml")
 
     def save(self, name: str = checkpoint.FILENAME) -> None:
@@ -157,14 +163,19 @@ class TrainRecipe:
             note = f"{learner.skipped_steps} of {learner.step} meta-steps were skipped (non-finite gradients or updates)"
             tags = {}
         print(note, file=self.out, flush=True)
-        self.tracker.set_tags({"metaray.skipped_steps": str(learner.skipped_steps), **tags})
+        self.tracker.log_tags({"metaray.skipped_steps": str(learner.skipped_steps), **tags})
 
     def _loop(self, signals: StopSignals, on_step: OnStep | None) -> None:
         cfg, learner, selection = self.cfg, self.learner, self.selection
         started = time.perf_counter()
         while learner.step < cfg.outer.steps and not (selection and selection.exhausted):
             signals.check()
+            skipped = learner.skipped_steps
             metrics = learner.meta_step()
+            self.diverged = self.divergence.check(learner.step - 1, metrics, learner.skipped_steps > skipped)
+            if self.diverged:  # its blown-up values are not logged: they would flatten every run's charts
+                print(self.diverged, file=self.out, flush=True)
+                return
             self.tracker.log_metrics(metrics, learner.step - 1)
             for k, v in metrics.items():
                 if k.startswith(HISTORY_PREFIXES):
@@ -231,7 +242,8 @@ class TrainRecipe:
             raise
 
     def save_artifacts(self) -> None:
-        """Without an evaluation (stopped by a sweep's scheduler, or not asked for): the artifacts only."""
+        """Without an evaluation (stopped by a sweep's scheduler, diverged, or not asked for): the artifacts only
+        (a diverged run's model is not worth deploying: none)."""
         params, self.tested_step = self.tested()
         self._log_artifacts(params)
 
@@ -241,9 +253,9 @@ class TrainRecipe:
             tracker.log_figure(plots.learning_curves(self.history, self.first_step), "learning_curves")
         if cfg.tracking.log_checkpoint:
             tracker.log_artifact(cfg.run_dir / checkpoint.FILENAME, "checkpoint")
-        if cfg.tracking.log_model:
-            module, example = self.algorithm.export(params, _eval_batch(cfg, 1))
-            tracker.log_model(module, example.numpy(), step=self.learner.step)
+        if cfg.tracking.log_model and not self.diverged:
+            spec = blueprint(cfg)
+            tracker.log_model(spec, params, example_task(_eval_batch(cfg, 1), spec), step=self.learner.step)
 
     # -- close --------------------------------------------------------------------------------------------
 
@@ -254,7 +266,7 @@ class TrainRecipe:
         learner = self.learner
         return TrainResult(learner.params, learner.step, faults.count, list(faults.events), learner.skipped_steps,
                            self.results, self.cfg.run_dir, self.history, self.tracker.run_id, self.test_curve,
-                           os.getpid(), self.tested_step)
+                           os.getpid(), self.tested_step, self.diverged)
 
 
 def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=None) -> Results:
@@ -265,7 +277,7 @@ def evaluate_checkpoint(path: str | Path, cfg: Config | None = None, out=None) -
     checkpoint.check_params(ckpt, algorithm.init_params(0))
     tracker = open_tracker(cfg, command="eval", run_dir=ckpt.path.parent, evaluates=ckpt.tracker.get("run_id"))
     with Services(tracker, out) as services:
-        tracker.log_params({**cfg.flat(), "eval.checkpoint": str(ckpt.path), "eval.checkpoint_step": ckpt.step})
+        tracker.log_config(cfg, {}, {"eval.checkpoint": str(ckpt.path), "eval.checkpoint_step": ckpt.step})
         group = services.start_workers(cfg)
         theta = ParamSpec.of(ckpt.params).flatten(ckpt.params).numpy().astype(np.float32)
         results, _ = evaluate_and_report(cfg, algorithm, group, theta, tracker, ckpt.step, ckpt.path.parent, out,

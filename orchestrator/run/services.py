@@ -13,6 +13,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from orchestrator.config import Config
+from orchestrator.run.divergence import TAG as DIVERGED_TAG
 from orchestrator.tracking.tracker import MlflowTracker, NullTracker
 from orchestrator.workers.group import Group, make_group
 
@@ -22,6 +23,12 @@ class Services:
         self.tracker = tracker
         self.group: Group | None = None
         self.out = out
+        self.failed = False
+
+    def fail(self, reason: str) -> None:
+        """The run failed without an exception (it diverged): tagged with ``reason``, it ends FAILED."""
+        self.failed = True
+        self.tracker.log_tags({DIVERGED_TAG: reason})
 
     def start_workers(self, cfg: Config) -> Group:
         self.group = make_group(cfg)
@@ -33,6 +40,8 @@ class Services:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
         status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+        if self.failed and status == "FINISHED":
+            status = "FAILED"
         try:
             if self.group is not None:
                 self.group.close()

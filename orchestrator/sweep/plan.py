@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from orchestrator.tracking.tracker import experiment_name
 # (eval.every), else the meta-training loss (on the trials' common training batches).
 VALIDATION_METRIC, TRAINING_METRIC = "val/loss", "meta/loss"
 METRIC_PREFIXES = ("meta/", "inner/", "val/", "orchestrator/", "perf/")
+STATE = "sweep.json"  # in the sweep's folder: its trials and its parent run, for --resume
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def plan(paths: list[str], overrides: list[str] = (), search: list[str] = (), gr
     axes: list[Axis] = [parse_grid(g) for g in grid] + [parse_search(s) for s in search]
     bases = [load_config(p, list(overrides)) for p in paths]  # each file once, before any trial is built
     first = bases[0]
-    name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    name = name or default_name(first, [a.key for a in axes], len(paths))
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"--name {name!r}: use letters, digits, '_', '.' and '-'")
     folder = Path(first.run.dir).resolve() / name
@@ -99,6 +99,18 @@ def plan(paths: list[str], overrides: list[str] = (), search: list[str] = (), gr
                 "samples": samples, "scheduler": scheduler, "metric": metric, "mode": mode,
                 "trials": [t.name for t in trials]}
     return Plan(name, folder, trials, settings)
+
+
+def default_name(first: Config, keys: list[str], configs: int) -> str:
+    """A sweep's name when ``--name`` is not given: what it sweeps first, as MLflow's run table cuts long names
+    at the end (``inner_lr-sweep_sine-maml``, ``sweep_sine-maml-and-2-more``), numbered ``-2``, ``-3`` where that
+    folder already holds a sweep."""
+    base = first.run.name if configs == 1 else f"{first.run.name}-and-{configs - 1}-more"
+    name = "-".join([*(k.rsplit(".", 1)[-1] for k in dict.fromkeys(keys)), "sweep"]) + f"_{base}"
+    folder, n = Path(first.run.dir).resolve(), 1
+    while (folder / (numbered := name if n == 1 else f"{name}-{n}") / STATE).exists():
+        n += 1
+    return numbered
 
 
 def trial_names(swept: list[dict[str, Any]], bases: list[str]) -> list[str]:

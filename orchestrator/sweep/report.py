@@ -2,8 +2,11 @@
 comparison plot, the sweep's parent MLflow run, and progress lines while it runs.
 
 The parent run gets the best trial's swept values (params ``best.<key>``), its resolved config
-(``best_config.yaml``) and its final metrics (under the same names as in the child, so the runs table
-lines them up); counts of completed, stopped, failed and diverged trials (``sweep/*``); the results table
+(``best_config.yaml``) and the numbers the sweep compared it by, under the same names as in the child so the
+runs table lines them up: the sweep metric at each of its reports (the mean over each report's window, the
+value in the results table last), its evaluation results at step 0 (drawn as bars) and its adaptation curves
+(``eval/*/*_curve``, step = adaptation steps); counts of completed, stopped, failed and diverged trials
+(``sweep/*``); the results table
 ``sweep_results.md`` (one column per swept key); and ``plots/sweep_comparison.png``: the sweep metric over
 meta-steps and the held-out loss over adaptation steps, one line per trial, where a diverged trial is
 drawn up to the top of the axes and marked instead of stretching them.
@@ -26,6 +29,7 @@ from orchestrator.tracking.store import resolve_uri
 
 # A curve that exceeds its sweep's typical starting value this many times over has diverged.
 DIVERGED_FACTOR = 1e3
+HELD_OUT = "eval/test/loss_curve"
 
 
 @dataclass
@@ -33,20 +37,25 @@ class TrialOutcome:
     name: str
     swept: dict[str, Any]
     config: dict[str, Any]  # resolved, as JSON
-    status: str  # completed | stopped early | failed | unfinished
+    status: str  # completed | stopped early | diverged | failed | unfinished
     step: int  # meta-steps done at the last report
     metric: float | None  # the sweep metric at the last report (over its window)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, metric) at every report
     error: str | None = None
     run_id: str | None = None  # the child MLflow run
     metrics: dict[str, float] = field(default_factory=dict)  # the child run's latest metrics (eval/* included)
-    held_out: list[float] = field(default_factory=list)  # held-out query loss after 0, 1, ... adaptation steps
+    curves: dict[str, list[float]] = field(default_factory=dict)  # eval/*/*_curve by adaptation steps 0, 1, ...
     node: str = ""  # the address of the node the trial ran on (its last report)
     run_status: str | None = None  # the child MLflow run's status when the sweep ended
 
     @property
     def diverged(self) -> bool:
-        return any(not math.isfinite(v) for _, v in self.curve)
+        return self.status == "diverged" or any(not math.isfinite(v) for _, v in self.curve)
+
+    @property
+    def held_out(self) -> list[float]:
+        """Held-out query loss after 0, 1, ... adaptation steps."""
+        return self.curves.get(HELD_OUT, [])
 
 
 def _name(trial) -> str:
@@ -78,6 +87,8 @@ def outcomes(analysis, plan: Plan, parent_run_id: str | None) -> list[TrialOutco
             status = "unfinished"
         elif trial.status == "ERROR":
             status = "failed"
+        elif last.get("diverged"):
+            status = "diverged"
         else:
             status = "completed" if last.get("completed") else "stopped early"  # (its own early stopping: completed)
         frame = frames.get(trial.trial_id) if trial is not None else None
@@ -89,12 +100,13 @@ def outcomes(analysis, plan: Plan, parent_run_id: str | None) -> list[TrialOutco
         out.append(TrialOutcome(spec.name, spec.swept, spec.config.model_dump(mode="json"), status, step,
                                 float(last[metric]) if metric in last else None, curve,
                                 trial_error(trial) if status == "failed" else None, run.get("run_id"),
-                                {**scores, **run.get("metrics", {})}, run.get("held_out", []),
+                                {**scores, **run.get("metrics", {})}, run.get("curves", {}),
                                 str(last.get("node_ip", "")), run.get("status")))
     return out
 
 
-RUN_STATUS = {"completed": "FINISHED", "stopped early": "FINISHED", "failed": "FAILED", "unfinished": "KILLED"}
+RUN_STATUS = {"completed": "FINISHED", "stopped early": "FINISHED", "diverged": "FAILED", "failed": "FAILED",
+              "unfinished": "KILLED"}
 
 
 def settle_children(trials: list[TrialOutcome], plan: Plan) -> None:
@@ -116,7 +128,7 @@ def settle_children(trials: list[TrialOutcome], plan: Plan) -> None:
 
 
 def _children(plan: Plan, parent_run_id: str | None) -> dict[str, dict[str, Any]]:
-    """The sweep's child runs by name: id, latest metrics, held-out loss curve."""
+    """The sweep's child runs by name: id, latest metrics, adaptation curves (``eval/*/*_curve``)."""
     cfg = plan.first
     if parent_run_id is None or not cfg.tracking.enabled:
         return {}
@@ -128,11 +140,15 @@ def _children(plan: Plan, parent_run_id: str | None) -> dict[str, dict[str, Any]
                               max_results=10_000, order_by=["attributes.start_time DESC"])
     out = {}
     for r in runs:
-        curve = sorted(client.get_metric_history(r.info.run_id, "eval/test/loss_curve"), key=lambda m: m.step)
-        by_step = {m.step: m.value for m in curve}  # a resumed run evaluated again: the latest value per step
+        curves = {}
+        for key in (k for k in r.data.metrics if k.startswith("eval/") and k.endswith("_curve")):
+            by_step = {}  # a resumed run evaluated again: the latest value per step
+            for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: (m.step, m.timestamp)):
+                by_step[m.step] = m.value
+            curves[key] = [by_step[s] for s in sorted(by_step)]
         # Newest first (search order): should a trial have two runs, the one it ran last is its own.
         out.setdefault(r.info.run_name, {"run_id": r.info.run_id, "metrics": dict(r.data.metrics),
-                                         "status": r.info.status, "held_out": [by_step[s] for s in sorted(by_step)]})
+                                         "status": r.info.status, "curves": curves})
     return out
 
 
@@ -161,7 +177,8 @@ def results_table(trials: list[TrialOutcome], metric: str, mode: str) -> str:
             *(["node"] if nodes else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in sorted(trials, key=order):
-        status = f"failed: {t.error}" if t.status == "failed" else t.status + (" (diverged)" if t.diverged else "")
+        status = f"failed: {t.error}" if t.status == "failed" else t.status + (
+            " (diverged)" if t.diverged and t.status != "diverged" else "")
         cells = [t.name, *(_cell(t.swept.get(k, "")) for k in keys), status, str(t.step),
                  _cell(t.metric), *(_cell(t.metrics.get(k)) for k in held), *([t.node] if nodes else [])]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
@@ -241,11 +258,27 @@ def summarize(parent, trials: list[TrialOutcome], plan: Plan, out) -> TrialOutco
                        **{f"best.{k}": v for k, v in best.swept.items()}})
     write_atomic(plan.folder / "best_config.yaml", parse_config(best.config).to_yaml())
     parent.log_artifact(plan.folder / "best_config.yaml")
-    finals = {k: v for k, v in best.metrics.items() if math.isfinite(v)} or {metric: best.metric}
-    parent.log_metrics(finals, best.step)
+    log_best(parent, best, metric)
     print(f"sweep {plan.name}: best trial {best.name} ({metric} {best.metric:.4g}, {best.status}); config in "
           f"{plan.folder / 'best_config.yaml'}", file=out)
     return best
+
+
+def log_best(parent, best: TrialOutcome, metric: str) -> None:
+    """The numbers the sweep compared the best trial by, under the child's names: ``metric`` at each report (its
+    window mean: the last is the results table's), the evaluation results at step 0 (bars, as in the child) and
+    the adaptation curves at their adaptation steps; not the child's per-step training metrics."""
+    for step, value in best.curve:
+        if math.isfinite(value):
+            parent.log_metrics({metric: value}, step)
+    results = {k: v for k, v in best.metrics.items()
+               if k.startswith("eval/") and not k.endswith("_curve") and math.isfinite(v)}
+    if results:
+        parent.log_metrics(results, 0)
+    for key, values in best.curves.items():
+        for k, value in enumerate(values):
+            if math.isfinite(value):
+                parent.log_metrics({key: value}, k)
 
 
 def register_best(best: TrialOutcome, plan: Plan, name: str, out) -> None:

@@ -68,7 +68,9 @@ def run_trial(config: dict[str, Any]) -> bool:
     with open(cfg.run_dir / "train.log", "a") as out:
         result = train_here(cfg, resume, True, out, spec["parent_run_id"], should_stop=None,
                             on_step=reporter.on_step, tracker_state=begun)
-    if not reporter.stopped:
+    if result.diverged and not reporter.stopped:
+        reporter.diverged(result.step, result.diverged)
+    elif not reporter.stopped:
         reporter.final(result.step, result.results)
     return reporter.stopped
 
@@ -105,6 +107,12 @@ class Reporter:
         if self.metric not in known:
             raise ConfigError(f"--metric {self.metric}: this trial reports {', '.join(sorted(known))}")
         self.stopped = self._report(step, True, {**scores, "completed": 1.0})
+
+    def diverged(self, step: int, reason: str) -> None:
+        """The last report of a trial that stopped on divergence: the worst value of the metric, and why."""
+        inf = math.inf if self.mode == "min" else -math.inf
+        self._window = {self.metric: [inf]}
+        self.stopped = self._report(step, True, {"diverged": reason})
 
     def _report(self, step: int, checkpointed: bool, extra: dict[str, float] | None = None) -> bool:
         """Report the window's means (and the latest value of what the window lacks: validation metrics between

@@ -35,13 +35,12 @@ from orchestrator.atomic import write_atomic
 from orchestrator.config import Config, ConfigError
 from orchestrator.run.interrupts import Interrupted
 from orchestrator.sweep import report as sweep_report
-from orchestrator.sweep.plan import Plan, plan
+from orchestrator.sweep.plan import STATE, Plan, plan
 from orchestrator.sweep.report import TrialOutcome
 from orchestrator.sweep.trial import TRIAL, Progress, Trial, placement
 from orchestrator.tracking.tracker import open_tracker
 from orchestrator.workers.ray_session import connect, shutdown, start_embedded
 
-STATE = "sweep.json"  # the trials of a sweep and its parent run, for --resume
 ASHA_REDUCTION = 3  # keep the best third at every rung (Hyperband's eta)
 
 

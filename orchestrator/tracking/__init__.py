@@ -3,5 +3,6 @@
 ``tracker`` (the learner's interface: ``open_tracker``) appends metrics to the run's ``metric_log`` on disk and
 artifacts to its ``artifact_queue``; a ``writer`` process sends them (``delivery``, which also holds the offline
 ``deliver``/``register`` commands); ``store`` knows the local SQLite file; ``system_metrics`` samples CPU, memory
-and GPUs; ``plots`` draws the run's figures.
+and GPUs; ``plots`` draws the run's figures; ``logged_model`` writes the run's model as an MLflow pyfunc, whose own
+code is ``pyfunc_model``.
 """

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,18 +55,13 @@ class ArtifactQueue:
 
         self._publish(fill)
 
-    def put_model(self, module: Any, input_example: Any, *, name: str, step: int, params: dict[str, str],
+    def put_model(self, save: Callable[[Path], None], *, name: str, step: int, params: dict[str, str],
                   metrics: list[tuple[str, float, int, int]], register: str | None) -> None:
-        """The model as an MLflow PyTorch model folder, to become a LoggedModel named ``name`` with
-        ``metrics`` (key, value, timestamp_ms, step) linked, registered as ``register`` if given."""
-        import mlflow.pytorch
-
-        import learners
+        """The model as an MLflow model folder (``save(folder)`` writes it), to become a LoggedModel named
+        ``name`` with ``metrics`` (key, value, timestamp_ms, step) linked, registered as ``register`` if given."""
 
         def fill(entry: Path) -> dict[str, Any]:
-            mlflow.pytorch.save_model(module, str(entry / "model"), input_example=input_example,
-                                      code_paths=[str(Path(learners.__file__).parent)],
-                                      pip_requirements=[f"torch=={metadata.version('torch')}"])
+            save(entry / "model")
             return {"kind": "model", "name": name, "step": step, "params": params, "metrics": metrics,
                     "register": register}
 
@@ -87,6 +81,17 @@ class ArtifactQueue:
                 raise_if_full(e, tmp)  # but a full disk stops the run: its checkpoints are next
             log.warning("tracking: could not queue an artifact in %s (%s); it will be missing", self.folder,
                         one_line(e, 240))
+
+
+def describe(entry: Path) -> str:
+    """What an entry holds, in words: ``the model 'NAME'`` or ``the artifact plots/x.png``."""
+    try:
+        meta = json.loads((entry / "entry.json").read_text())
+    except (OSError, ValueError):
+        return f"the artifact in {entry}"
+    if meta["kind"] == "model":
+        return f"the model {meta['name']!r}"
+    return f"the artifact {'/'.join(p for p in (meta['artifact_path'], meta['file']) if p)}"
 
 
 def deliver(entry: Path, client: Any, run_id: str, experiment_id: str) -> None:

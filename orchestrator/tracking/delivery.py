@@ -6,6 +6,11 @@ lock before it reads what the store and the log already hold, so a writer of the
 never send anything after that reading. Sending is idempotent (see ``metric_log``), so a pass that
 fails half-way is simply repeated.
 
+A store that is down (no connection, a 5xx, a timeout) is waited for; a request the store *refuses* (an
+``MlflowException`` whose error code is a 4xx, e.g. INVALID_PARAMETER_VALUE) would be refused again forever.
+That item is set aside instead (``<run dir>/tracking/refused/<run id>/``), MLflow's message is said on one
+line, and delivery goes on with the rest (``refused``).
+
 Offline, ``deliver`` (``metaray deliver RUN_DIR``) sends what a run left in its folder when the store was down,
 and ``register`` registers a run's logged model after the fact. MLflow is imported where it is used: the
 learner's side of tracking (``writer.MetricProcess``) never loads it.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -27,11 +33,47 @@ from orchestrator.tracking import artifact_queue, metric_log
 from orchestrator.tracking.artifact_queue import ArtifactQueue, register_model
 from orchestrator.tracking.store import TrackingError
 
+log = logging.getLogger("metaray")
+
 BATCH = 1000  # MLflow's log_batch limit
 MAX_CHUNK = 10 * BATCH  # metrics read from the log per pass at most (bounds the writer's memory)
 LOCK = "lock"
 FOLDER = "tracking"  # <run dir>/tracking/<MLflow run id>/: the metric log and artifact queue of that run
 LOCK_WAIT_S = 30.0  # a writer of a killed run finishes its send in flight (HTTP timeout 10 s), then exits
+REFUSED = "refused"  # <run dir>/tracking/refused/<run id>/: what the store refused, kept for the record
+# 4xx codes that are not about the request itself: rate limits and a cancelled call pass, a missing login is the
+# store being unusable to us (everything would be refused); those are waited for like an outage.
+_NOT_REFUSALS = (401, 403, 429, 499)
+
+
+def refused(error: BaseException) -> bool:
+    """Whether the store refused the request itself (it would refuse it again), rather than being unreachable."""
+    status = getattr(error, "get_http_status_code", None)
+    if status is None:  # not an MlflowException: a connection error, an OS error, ...
+        return False
+    code = status()
+    return 400 <= code < 500 and code not in _NOT_REFUSALS
+
+
+def refusal(error: BaseException, limit: int = 300) -> str:
+    """The store's message on one line, with its error code (a local store's messages do not carry it)."""
+    text, code = one_line(error, limit), str(getattr(error, "error_code", ""))
+    return text if not code or text.startswith(code) else f"{code}: {text}"
+
+
+def refused_folder(folder: Path) -> Path:
+    """Where the items of tracking folder ``folder`` that the store refused are kept."""
+    return folder.parent / REFUSED / folder.name
+
+
+def set_aside_metrics(folder: Path, entries: list[tuple[str, float, int, int]], error: BaseException) -> None:
+    target = refused_folder(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target / "metrics.jsonl", "a") as f:
+        for entry in entries:
+            f.write(json.dumps([*entry, refusal(error, 400)], default=float) + "\n")
+    log.warning("tracking: MLflow refused %d metric(s) (%s); set aside in %s", len(entries), refusal(error),
+                target / "metrics.jsonl")
 
 
 class Delivery:
@@ -56,17 +98,42 @@ class Delivery:
             for i in range(0, len(entries), BATCH):
                 if stop():
                     return False
-                self.send(entries[i : i + BATCH])
+                self._send(entries[i : i + BATCH])
             self.cursor = after
             metric_log.write_cursor(self.folder, after)
         return False
 
+    def _send(self, batch: list[tuple[str, float, int, int]]) -> None:
+        """Send a batch; if the store refuses it, send its metrics one by one and set aside those it refuses."""
+        try:
+            self.send(batch)
+            return
+        except Exception as e:  # noqa: BLE001 - an outage propagates (retried later), a refusal is dealt with here
+            if not refused(e):
+                raise
+            if len(batch) == 1:
+                set_aside_metrics(self.folder, batch, e)
+                return
+        for entry in batch:
+            self._send([entry])
+
     def artifacts(self, stop: Callable[[], bool] = lambda: False) -> bool:
-        """Deliver queued artifacts in order; True when none is left."""
+        """Deliver queued artifacts in order; True when none is left (an entry the store refuses is set aside)."""
         for entry in artifact_queue.ArtifactQueue(self.folder / "outbox").entries():
             if stop():
                 return False
-            self._deliver_artifact(entry)
+            try:
+                self._deliver_artifact(entry)
+            except Exception as e:  # noqa: BLE001 - an outage propagates (retried later), a refusal is set aside
+                if not refused(e):
+                    raise
+                target = refused_folder(self.folder)
+                target.mkdir(parents=True, exist_ok=True)
+                (entry / "refused.txt").write_text(refusal(e, 2000) + "\n")
+                kept = target / f"{time.strftime('%Y%m%d-%H%M%S')}-{entry.name}"  # a resumed run counts anew
+                os.replace(entry, kept)
+                log.warning("tracking: MLflow refused %s (%s); set aside in %s", artifact_queue.describe(kept),
+                            refusal(e), kept)
         return True
 
 

@@ -6,6 +6,8 @@ global backend state), so they render headless anywhere.
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -50,7 +52,8 @@ def learning_curves(history: dict[str, list[float]], first_step: int, window: in
             ax.set_yscale("log")
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.suptitle(f"meta-training, query set of each meta-batch (running mean over {w} steps)")
+    fig.suptitle(fitted(f"meta-training: query loss of each meta-batch, running mean over {w} meta-steps",
+                        fig.get_figwidth()))
     return fig
 
 
@@ -65,7 +68,7 @@ def adaptation_plot(curves: dict[str, tuple[np.ndarray, np.ndarray | None]], tit
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title)
+    ax.set_title(fitted(title, ax.get_position().width * fig.get_figwidth()))
     return fig
 
 
@@ -85,8 +88,14 @@ def evaluation_curves(summaries: dict[str, dict[str, tuple[np.ndarray, np.ndarra
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(fitted(title, fig.get_figwidth()))
     return fig
+
+
+def fitted(title: str, width_in: float, fontsize: float = 12.0) -> str:
+    """``title`` broken into lines no wider than ``width_in`` inches, so that no figure cuts it off (a glyph
+    of matplotlib's default font is at most ~0.6 em wide on average over a line of text)."""
+    return "\n".join(textwrap.wrap(title, max(16, int(width_in * 72 / (0.6 * fontsize)))))
 
 
 def _line_with_band(ax, mean: np.ndarray, ci: np.ndarray | None, label: str, **style) -> None:

@@ -39,7 +39,7 @@ from mlflow.entities import Param, RunTag
 
 from orchestrator.config import Config
 from orchestrator.errors import DiskFull, one_line
-from orchestrator.tracking import metric_log
+from orchestrator.tracking import logged_model, metric_log
 from orchestrator.tracking.artifact_queue import ArtifactQueue
 from orchestrator.tracking.delivery import (
     FOLDER,
@@ -58,6 +58,7 @@ from orchestrator.version import version
 log = logging.getLogger("metaray")
 EXPERIMENT_KIND = "mlflow.experimentKind"  # read by the UI: model training, not GenAI (traces, tokens)
 MODEL_TRAINING = "custom_model_development"
+EVALUATION_STEP = 0  # the MLflow step of evaluation results (see log_evaluation)
 
 
 def experiment_name(cfg: Config) -> str:
@@ -73,13 +74,14 @@ class NullTracker:
         return {"run_id": None}
 
     def log_params(self, params: dict[str, Any]) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_config(self, cfg: Config, resources: dict[str, Any], extra: dict[str, Any] | None = None) -> None: ...
+    def log_tags(self, tags: dict[str, str]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_evaluation(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_figure(self, figure: Any, name: str) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
-    def log_model(self, module: Any, input_example: Any, step: int | None = None) -> None: ...
+    def log_model(self, blueprint: Any, params: Any, example: Any, step: int | None = None) -> None: ...
     def flush(self) -> None: ...
     def sibling_curves(self, metric: str) -> dict[str, list[float]]:
         return {}
@@ -124,6 +126,7 @@ class MlflowTracker:
                                     t.max_buffered_metrics, system_step)
         self.artifacts = ArtifactQueue(self.folder / "outbox")
         self._evaluation: list[tuple[str, float, int, int]] = []  # linked to the model when it is logged
+        self._evaluated_step = 0
 
     def _unusable(self, e: Exception) -> TrackingError:
         return TrackingError(f"tracking store {self.uri!r} is not usable ({one_line(e, 240)}); start the server or "
@@ -179,9 +182,17 @@ class MlflowTracker:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self._safe(lambda chunk=items[i : i + 100]: self.client.log_batch(self.run_id, params=chunk))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        """Tags of the run (idempotent, so set directly: a store that is down only loses them, with a warning)."""
-        self._safe(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
+    def log_config(self, cfg: Config, resources: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """What runs are compared by as params (``cfg.params()``, and ``extra``); where and how the run ran
+        (workers, shares, the cluster's resources) as tags ``metaray.<key>``. The whole config is config.yaml."""
+        self.log_params({**cfg.params(), **(extra or {})})
+        w = cfg.workers
+        tags = {"metaray.workers": f"{w.mode}, {w.num_workers} worker{'s' * (w.num_workers != 1)}, "
+                                   f"{w.share_count} shares", **{f"metaray.{k}": str(v) for k, v in resources.items()}}
+        self.log_tags(tags)
+
+    def log_tags(self, tags: dict[str, str]) -> None:
+        self._safe(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v[:8000]) for k, v in tags.items()]))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self._recorded:
@@ -193,10 +204,14 @@ class MlflowTracker:
             self.writer.add(metrics, step)
 
     def log_evaluation(self, metrics: dict[str, float], step: int) -> None:
-        """The final evaluation's summary metrics (at training step ``step``); the model is linked to them."""
+        """The final evaluation's summary metrics (of θ at training step ``step``); the model is linked to them.
+
+        Logged at MLflow step 0, not at the training step: MLflow draws a metric that has only step 0 as one bar
+        per run, a result to compare, where a value at step 1000 would be a one-point line chart."""
         ts = int(time.time() * 1000)
-        self.writer.add(metrics, step, ts)
-        self._evaluation = [(k, float(v), ts, step) for k, v in metrics.items()]
+        self.writer.add(metrics, EVALUATION_STEP, ts)
+        self._evaluation = [(k, float(v), ts, EVALUATION_STEP) for k, v in metrics.items()]
+        self._evaluated_step = step
 
     def flush(self) -> None:
         """Every metric logged so far is durable (on disk) when this returns: call it before a checkpoint."""
@@ -211,17 +226,21 @@ class MlflowTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.artifacts.put_bytes(lambda p: p.write_text(text), artifact_file)
 
-    def log_model(self, module: Any, input_example: Any, step: int | None = None) -> None:
-        """The final model: a LoggedModel named after the run (a signature from ``input_example``), output of
-        the run at ``step``, with the last ``log_evaluation`` metrics linked; registered if configured."""
+    def log_model(self, blueprint: Any, params: Any, example: Any, step: int | None = None) -> None:
+        """The final model (``logged_model``: a pyfunc that adapts to a task and predicts its queries, with a
+        signature and ``example`` as input example): a LoggedModel named after the run, output of the run at
+        ``step`` (default: the evaluated one), with the last ``log_evaluation`` metrics linked; registered if
+        configured."""
         if step is None:
-            step = max((s for *_, s in self._evaluation), default=0)
-        params = {k: _param_value(v) for k, v in self.cfg.flat().items()}
-        self.artifacts.put_model(module, input_example, name=self.run_name, step=step, params=params,
+            step = self._evaluated_step
+        self.artifacts.put_model(lambda folder: logged_model.save(folder, blueprint, params, example),
+                                 name=logged_model.model_name(self.run_name), step=step,
+                                 params={k: _param_value(v) for k, v in self.cfg.params().items()},
                                  metrics=self._evaluation, register=self.cfg.tracking.registered_model)
 
     def sibling_curves(self, metric: str) -> dict[str, list[float]]:
-        """``metric`` histories (by step) of the other finished runs in this experiment, by run name."""
+        """``metric`` histories (by step) of the other finished runs in this experiment, by run name (not those
+        tagged diverged)."""
 
         def fetch() -> dict[str, list[float]]:
             runs = self.client.search_runs([self.experiment_id],
@@ -229,7 +248,7 @@ class MlflowTracker:
                                            max_results=50)
             out = {}
             for r in runs:
-                if r.info.run_id != self.run_id:
+                if r.info.run_id != self.run_id and "metaray.diverged" not in r.data.tags:
                     hist = sorted(self.client.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)
                     out[r.info.run_name] = [m.value for m in hist]
             return out
