@@ -270,7 +270,8 @@ class MlflowTracker:
             log.warning("tracking: %s", e)
         what = [f"{metrics} metrics"] * bool(metrics) + [f"{artifacts} artifacts"] * bool(artifacts)
         what += [f"the run's status ({status})"] * (not ended)
-        return (f"tracking: not in MLflow yet (store {self.uri} unreachable): {', '.join(what)}; kept in "
+        said = self.writer.last_error or "unreachable"  # e.g. "database or disk is full": not only outages
+        return (f"tracking: not in MLflow yet (store {self.uri}: {said}): {', '.join(what)}; kept in "
                 f"{self.folder}; deliver with: metaray deliver {self.run_dir}")
 
     def _safe(self, fn, default: Any = None) -> Any:

@@ -53,6 +53,7 @@ class MetricProcess:
                  chunk: int = delivery.MAX_CHUNK, system_step: int | None = None):
         delivery.without_http_retries()
         self.folder = folder
+        self.last_error: str | None = None  # what the store said last, when something stays undelivered
         self._log = metric_log.MetricLog(folder)
         self._args = (uri, run_id, experiment_id, str(folder), flush_every_s, chunk)
         self._system = SystemSampler.start(system_step) if system_step is not None else None
@@ -140,7 +141,7 @@ class MetricProcess:
                 work = delivery.mlflow_delivery(self.folder, MlflowClient(uri), run_id, experiment_id, chunk)
                 error = delivery.finish(work, timeout_s)
                 if error is not None:
-                    log.warning("tracking store still unreachable (%s)", one_line(error, 160))
+                    self.last_error = one_line(error, 160)
             finally:
                 os.close(lock)
         return metric_log.pending_count(self.folder)
