@@ -112,7 +112,15 @@ def kill_driver(proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + 30  # an orphaned writer may finish a send in flight first
     while alive(kids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not alive(kids), f"processes left by the killed driver: {alive(kids)}"
+    assert not alive(kids), f"processes left by the killed driver: {[(p, cmdline(p)) for p in alive(kids)]}"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
 
 
 def assert_each_step_once(uri: str, name: str) -> None:

@@ -5,7 +5,8 @@ workers within seconds, but its dashboard and runtime-env agents, finding their 
 the (equally dead) GCS with a fixed 60 s timeout, and live on for a minute. So an embedded session is started
 with a marker in its environment, which every Ray process inherits, and a reaper: a small process in its own
 session, holding a pipe from the run. When the pipe closes (the run shut Ray down, or died), the reaper sends
-SIGTERM to every process carrying the marker, SIGKILL to any left after ``GRACE_S``, and exits.
+SIGTERM to every process carrying the marker and every process below one, SIGKILL to any left after ``GRACE_S``,
+and exits.
 
     python -m orchestrator.workers.reaper MARKER     (started by ``Reaper.start``; stdin is the run's pipe)
 
@@ -53,34 +54,46 @@ class Reaper:
 
 
 def marked(marker: str, spare: tuple[int, ...] = ()) -> list[int]:
-    """Live processes whose environment holds ``MARK=marker``, but for this one and ``spare``."""
+    """Live processes of the session, but for this one and ``spare``: those whose environment holds
+    ``MARK=marker``, and every process below them. Ray's agents and workers retitle themselves
+    (setproctitle), which overwrites the environment that /proc shows, so they are found as children of
+    the raylet, which does not."""
     needle = f"{MARK}={marker}".encode()
-    found = []
+    parent, found = {}, set()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if int(proc.name) not in (os.getpid(), *spare) and needle in (proc / "environ").read_bytes().split(b"\0"):
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    found.append(int(proc.name))
+            pid = int(proc.name)
+            state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if state == "Z":
+                continue
+            parent[pid] = int(ppid)
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.add(pid)
         except (OSError, ValueError, IndexError):
             pass
-    return found
+    frontier = set(found)
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier and pid not in found}
+        found |= frontier
+    return sorted(found - {os.getpid(), *spare})
 
 
-def reap(marker: str, spare: tuple[int, ...] = ()) -> None:
-    for sig, wait_s in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, 0.0)):
-        pids = marked(marker, spare)
+def reap(marker: str, spare: tuple[int, ...] = (), give_up_s: float = 30.0) -> None:
+    """SIGTERM to each, SIGKILL to those left after ``GRACE_S``, until none is left (a process that is
+    dying may still start one) or ``give_up_s`` has passed."""
+    start, termed = time.monotonic(), set()
+    pids = marked(marker, spare)
+    while pids and time.monotonic() - start < give_up_s:
+        late = time.monotonic() - start > GRACE_S
         for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.05)
-            pids = marked(marker, spare)
-        if not pids:
-            return
+            if late or pid not in termed:
+                try:
+                    os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
+                except OSError:
+                    pass
+                termed.add(pid)
+        time.sleep(0.05)
+        pids = marked(marker, spare)
 
 
 def main() -> None:
