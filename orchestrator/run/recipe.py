@@ -32,7 +32,7 @@ from orchestrator.run.interrupts import Interrupted, StopSignals
 from orchestrator.run.selection import BEST, selection_for, validate
 from orchestrator.run.services import Services
 from orchestrator.tracking import plots
-from orchestrator.tracking.tracker import open_tracker
+from orchestrator.tracking.open_tracker import open_tracker
 from tasks.episode import EpisodeIds, Purpose
 
 HISTORY_PREFIXES = ("meta/", "inner/", "orchestrator/")

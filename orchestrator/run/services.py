@@ -13,12 +13,12 @@ from __future__ import annotations
 from types import TracebackType
 
 from orchestrator.config import Config
-from orchestrator.tracking.tracker import MlflowTracker, NullTracker
+from orchestrator.tracking.open_tracker import Tracker
 from orchestrator.workers.group import Group, make_group
 
 
 class Services:
-    def __init__(self, tracker: MlflowTracker | NullTracker, out=None):
+    def __init__(self, tracker: Tracker, out=None):
         self.tracker = tracker
         self.group: Group | None = None
         self.out = out

@@ -18,6 +18,11 @@ class TrackingError(ValueError):
     """The tracking store named by the config or environment cannot be used."""
 
 
+def experiment_name(cfg: Config) -> str:
+    """The MLflow experiment a run of ``cfg`` is recorded in."""
+    return cfg.tracking.experiment or f"metaray-{cfg.task.family}"
+
+
 def resolve_uri(cfg: Config) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
