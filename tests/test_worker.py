@@ -26,8 +26,13 @@ def worker(tmp_path, **sections) -> TaskWorker:
     return TaskWorker(tiny_config(tmp_path, **sections).model_dump(mode="json"), 0)
 
 
-def test_a_prefetching_worker_returns_what_a_plain_one_does(tmp_path):
+def test_a_prefetching_worker_returns_what_a_plain_one_does(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path).model_dump(mode="json")
+    fast = TaskWorker(cfg, 0, prefetch=True)
+    theta = flat(fast.algorithm.init_params(0)).numpy()
+    fast.meta_gradient(theta, EpisodeIds(0, 0, (0, 1, 2)))
+    assert fast._next is None  # sine shares are drawn in microseconds: not worth a thread
+    monkeypatch.setattr("orchestrator.workers.worker.PREFETCH_MIN_S", 0.0)
     ahead, plain = TaskWorker(cfg, 0, prefetch=True), TaskWorker(cfg, 0)
     theta = flat(ahead.algorithm.init_params(0)).numpy()
     # Step 1 was prefetched after step 0 (same share); then a share it did not guess (the prefetch goes unused).

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from types import TracebackType
 
+import torch
+
 from orchestrator.config import Config
 from orchestrator.tracking.open_tracker import Tracker
 from orchestrator.workers.group import Group, make_group
@@ -22,9 +24,12 @@ class Services:
         self.tracker = tracker
         self.group: Group | None = None
         self.out = out
+        self._threads = torch.get_num_threads()
 
     def start_workers(self, cfg: Config) -> Group:
+        """The run's worker group; this process then uses the torch threads the group leaves it (until close)."""
         self.group = make_group(cfg)
+        torch.set_num_threads(self.group.learner_threads())
         return self.group
 
     def __enter__(self) -> Services:
@@ -37,6 +42,7 @@ class Services:
             if self.group is not None:
                 self.group.close()
         finally:
+            torch.set_num_threads(self._threads)
             undelivered = self.tracker.close(status)
             if undelivered:
                 print(undelivered, file=self.out)
