@@ -40,6 +40,15 @@ AUTO_STRATEGY = {
 # backbone pass"). CUDA: not measured yet (benchmarks/gpu_check.py times it).
 AUTO_HEAD_ONLY: dict[tuple[str, str], str] = {}
 
+# CUDA speed options when model.tf32 / channels_last / cudnn_benchmark are "auto", by backbone. Off until
+# benchmarks/gpu_check.py measures them on a GPU (its "speed options" table: the fastest setting within the
+# stated tolerance); TF32 off is full float32, what the tests compare CUDA against.
+CUDA_DEFAULTS: dict[str, dict[str, bool]] = {
+    "mlp": {"tf32": False, "channels_last": False, "cudnn_benchmark": False},
+    "conv4": {"tf32": False, "channels_last": False, "cudnn_benchmark": False},
+    "resnet12": {"tf32": False, "channels_last": False, "cudnn_benchmark": False},
+}
+
 Split = Literal["train", "val", "test", "eval"]
 """Whose episodes: training's, a named split's, or evaluation's (``task.eval_split``)."""
 
@@ -163,6 +172,13 @@ def build_algorithm(cfg: Config, split: Split = "eval", device: torch.device | s
     model, objective, in_features = build_model(cfg, n_way)
     a = cfg.algorithm
     return a.build(Parts(model, objective, in_features, n_way, resolve_strategy(cfg, device), a.tasks_per_pass))
+
+
+def cuda_options(cfg: Config) -> dict[str, bool]:
+    """model.tf32, channels_last and cudnn_benchmark, "auto" resolved for the backbone (``CUDA_DEFAULTS``);
+    they apply where a worker computes on CUDA (``orchestrator.workers.worker``)."""
+    measured = CUDA_DEFAULTS[cfg.model.backbone]
+    return {k: measured[k] if getattr(cfg.model, k) == "auto" else getattr(cfg.model, k) for k in measured}
 
 
 def resolve_strategy(cfg: Config, device: torch.device | str = "cpu") -> str:

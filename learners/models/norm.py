@@ -76,4 +76,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         weight = None if self.weight is None else self.weight.repeat(count)
         bias = None if self.bias is None else self.bias.repeat(count)
         out = F.batch_norm(sets, None, None, weight, bias, True, 0.0, self.eps)
-        return out.view(size, count, *rest).transpose(0, 1).reshape(x.shape)
+        out = out.view(size, count, *rest).transpose(0, 1).reshape(x.shape)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)  # keep the convolutions' layout (NHWC)
+        return out

@@ -23,7 +23,7 @@ import torch
 from learners.inner_loop import adaptation_curves
 from learners.params import ParamSpec
 from learners.registry import import_plugins
-from orchestrator.build import build_algorithm, build_tasks
+from orchestrator.build import build_algorithm, build_tasks, cuda_options
 from orchestrator.config import Config, parse_config
 from orchestrator.workers.faults import FaultDrill
 from orchestrator.workers.messages import EvalResult, TaskResult, theta_array
@@ -51,6 +51,7 @@ class TaskWorker:
         self.index = index
         self.incarnation = uuid.uuid4().hex
         self.device = _device(self.cfg)
+        self._channels_last = _speed_options(self.cfg, self.device)
         self.algorithm = build_algorithm(self.cfg, device=self.device)
         # Training episodes may have another n_way (task.train.n_way); a head written from the support set follows.
         self.train_algorithm = build_algorithm(self.cfg, "train", self.device)
@@ -112,7 +113,8 @@ class TaskWorker:
 
     def _sample(self, split: str, ids: EpisodeIds, probe: str | None = None) -> EpisodeBatch:
         """The episodes ``ids`` of ``split`` on this worker's device: one copy to it per share."""
-        return self._source(split, probe).sample(ids).to(self.device)
+        batch = self._source(split, probe).sample(ids).to(self.device)
+        return batch.channels_last() if self._channels_last else batch
 
     def _peak_mb(self) -> float:
         """The most GPU memory torch's allocator has held in this process (what a fractional GPU caps), in MB."""
@@ -145,6 +147,17 @@ def _device(cfg: Config) -> torch.device:
         # Fractional GPUs in Ray are only a scheduling promise: enforce the share of memory ourselves.
         torch.cuda.set_per_process_memory_fraction(memory_fraction)
     return torch.device(kind)
+
+
+def _speed_options(cfg: Config, device: torch.device) -> bool:
+    """Set the CUDA speed options (``build.cuda_options``) for this process; whether images go channels-last.
+    TF32 and cuDNN's benchmark mode are process-wide switches of torch: a worker process owns them."""
+    if device.type != "cuda":
+        return False
+    options = cuda_options(cfg)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = options["tf32"]
+    torch.backends.cudnn.benchmark = options["cudnn_benchmark"]
+    return options["channels_last"] and cfg.model.backbone != "mlp"
 
 
 def placement(device: str, num_gpus: float, cuda_available: bool) -> tuple[str, float | None]:
