@@ -249,7 +249,7 @@ def train(row: Row, folder: Path, device: str) -> None:
         sets.append(f"model.precision={row.precision}")
     if row.drill:
         os.environ[DRILL_ENV] = json.dumps(DRILL)
-    if device == "cuda":
+    if device == "cuda" and torch.cuda.is_initialized():  # this process computed on the GPU (an in-process row)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     out, err = Output(), io.StringIO()
@@ -272,19 +272,18 @@ def train(row: Row, folder: Path, device: str) -> None:
     _wait_for_gpu_release(device)
 
 
-def _wait_for_gpu_release(device: str, timeout_s: float = 20.0) -> None:
-    """Until the run's worker processes have given their GPU memory back (they end after the run)."""
+def _wait_for_gpu_release(device: str, timeout_s: float = 10.0) -> None:
+    """Until the run's worker processes have left the GPU (they end just after the run), so that the next run's
+    workers get their whole share of its memory. Counted, not matched by pid: NVML may see another pid namespace."""
     if device != "cuda":
         return
     try:
         import pynvml
 
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        mine = 1 if torch.cuda.is_initialized() else 0  # this process's own context, after an in-process row
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            others = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid != os.getpid()]
-            if not others:
-                return
+        while time.monotonic() < deadline and len(pynvml.nvmlDeviceGetComputeRunningProcesses(handle)) > mine:
             time.sleep(0.2)
     except Exception:  # noqa: BLE001 - no NVML: give them a moment
         time.sleep(2.0)
