@@ -17,13 +17,26 @@ typing-extensions, typing-inspection; e.g. ``pip download --only-binary=:all: --
    ms per episode next to MetaOptNet's Table 3 (Lee et al. 2019, ResNet-12 on miniImageNet: ProtoNet
    60/66, RR 68/75, SVM 78/89 ms per episode, 1-/5-shot), and the peak GPU memory of each row;
 5. times what a Ray worker would get per share on the GPU: θ in from the host, episodes drawn on the CPU
-   and moved in one copy, the meta-gradient, the gradient back to the host.
+   and moved in one copy, the meta-gradient, the gradient back to the host;
+6. measures the CUDA speed options one by one and together against full float32 (no TF32, NCHW, no cuDNN
+   benchmark): TF32 for matmuls and convolutions, channels-last images, ``cudnn.benchmark``, bfloat16
+   autocast; tasks/s and how far each one's meta-gradient is from full float32's, and the fastest float32
+   setting within ``TF32_TOLERANCE`` per backbone: what ``CUDA_DEFAULTS`` in ``orchestrator/build.py``
+   should say (``model.tf32``, ``model.channels_last``, ``model.cudnn_benchmark``; ``auto`` reads it).
+
+Head-only learners (ProtoNet, MetaOptNet) are timed with the ``onepass`` strategy too (one backbone pass
+for all of a call's tasks). ``--options`` applies speed options to the throughput table, e.g.
+``--options channels_last,cudnn_benchmark``.
+
+``--ray`` runs instead the Ray check of ``benchmarks/gpu_ray.py``: real ``metaray train`` runs with Ray workers
+sharing the GPU (its docstring has the one-call command for the GPU machine).
 
 Without a GPU it runs what it can on the CPU (the QP and the table, much smaller with ``--quick``) and
 says what it skipped. Exit status 1 when a test or a parity check fails.
 
     python benchmarks/gpu_check.py [--wheels shared/wheels]     # ~4 minutes on one H100
     python benchmarks/gpu_check.py --quick                        # seconds; what tests/test_gpu_check.py runs
+    python benchmarks/gpu_check.py --ray [--cpu] [--quick]       # benchmarks/gpu_ray.py
 """
 
 from __future__ import annotations
@@ -46,6 +59,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# AUTO_STRATEGY's CUDA entries in orchestrator/build.py, written out: this check runs without the orchestrator.
+CUDA_STRATEGY = {"mlp": "vmap", "conv4": "vmap", "resnet12": "loop"}
+SPEED_OPTIONS = ("tf32", "channels_last", "cudnn_benchmark", "bf16")
+TF32_TOLERANCE = 1e-2  # relative distance of a float32 setting's meta-gradient from full float32's it may have
+BF16_TOLERANCE = 0.2  # bfloat16 autocast's stated tolerance (tests/test_hot_path.py)
 PAPER_MS = {("protonet", 1): 60, ("protonet", 5): 66, ("metaoptnet-ridge", 1): 68, ("metaoptnet-ridge", 5): 75,
             ("metaoptnet-svm", 1): 78, ("metaoptnet-svm", 5): 89}
 
@@ -88,6 +106,19 @@ def sync(device: torch.device) -> None:
 def precision(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
     """What a worker with model.precision bfloat16 runs the meta-gradient under."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def speed(options: frozenset[str]):
+    """torch's switches as a worker sets them for ``options`` (model.tf32, model.cudnn_benchmark; channels-last
+    is the batch's layout, ``EpisodeBatch.channels_last``), restored after."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = "tf32" in options
+    torch.backends.cudnn.benchmark = "cudnn_benchmark" in options
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before
 
 
 # -- workloads ----------------------------------------------------------------------------------------------
@@ -211,19 +242,27 @@ def time_steps(step: Callable[[], Any], device: torch.device, steps: int, warmup
 
 
 def compute_cell(w: Workload, device: torch.device, strategy: str, compiled: bool, bf16: bool, steps: int,
-                 warmup: int) -> tuple[float, float]:
-    """(tasks/s of the meta-gradient with the episodes already on the device, first-call seconds)."""
+                 warmup: int, options: frozenset[str] = frozenset(), keep: list | None = None) -> tuple[float, float]:
+    """(tasks/s of the meta-gradient with the episodes already on the device, first-call seconds); the last
+    call's summed gradient is appended to ``keep`` if given."""
     from tasks.episode import EpisodeIds
 
     alg = w.build(strategy, compile=compiled)
     params = {k: v.to(device) for k, v in alg.init_params(0).items()}
     batch = w.source().sample(EpisodeIds(0, 0, tuple(range(w.tasks)))).to(device)
+    if "channels_last" in options and w.family != "sine":
+        batch = batch.channels_last()
+    last = []
 
     def step():
-        with precision(device, bf16):
-            return alg.meta_gradient(params, batch)
+        with precision(device, bf16 or "bf16" in options):
+            last[:] = [alg.meta_gradient(params, batch)]
+        return last[0]
 
-    first, seconds = time_steps(step, device, steps, warmup)
+    with speed(options):
+        first, seconds = time_steps(step, device, steps, warmup)
+    if keep is not None:
+        keep.append(last[0].grads)
     return w.tasks / seconds, first
 
 
@@ -321,16 +360,26 @@ def qp_check(device: torch.device, quick: bool) -> list[str]:
 
 # -- the table ----------------------------------------------------------------------------------------------
 
+def head_only(w: Workload) -> bool:
+    """Whether ``w``'s algorithm runs the onepass strategy (one backbone pass for all tasks)."""
+    from learners.registry import variant
+
+    return w.family != "sine" and variant(w.algorithm)(name=w.algorithm, **w.knobs).one_pass()
+
+
 def cells(w: Workload, quick: bool) -> list[tuple[str, bool]]:
-    """(strategy, bfloat16) pairs measured for ``w``: all four, or with --quick each code path once."""
+    """(strategy, bfloat16) pairs measured for ``w``: every strategy in both precisions, or with --quick each
+    code path once."""
+    strategies = ("vmap", "loop", "onepass") if head_only(w) else ("vmap", "loop")
     if not quick:
-        return [(s, b) for s in ("vmap", "loop") for b in (False, True)]
+        return [(s, b) for s in strategies for b in (False, True)]
     usual = "vmap" if w.family == "sine" else "loop"
-    return [(usual, False)] + ([("vmap", True)] if w.backbone != "resnet12" else [])
+    return ([(usual, False)] + ([("vmap", True)] if w.backbone != "resnet12" else [])
+            + ([("onepass", False)] if head_only(w) else []))
 
 
 def table(device: torch.device, quick: bool, folder: Path, budget: Budget, steps: int,
-          rows: list[str]) -> list[str]:
+          rows: list[str], options: frozenset[str] = frozenset()) -> list[str]:
     out = [f"{'workload':<24}{'strategy':<9}{'precision':<10}{'eager tasks/s':>14}{'compiled':>10}"
            f"{'ms/episode':>11}{'paper':>7}{'peak MB':>9}"]
     skipped: list[str] = []
@@ -346,7 +395,7 @@ def table(device: torch.device, quick: bool, folder: Path, budget: Budget, steps
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             try:
-                eager, _ = compute_cell(w, device, strategy, False, bf16, steps, warmup)
+                eager, _ = compute_cell(w, device, strategy, False, bf16, steps, warmup, options)
             except Exception as e:  # noqa: BLE001 - one failed cell must not hide the rest of the table
                 out.append(f"{w.label:<24}{strategy:<9}{'bf16' if bf16 else 'fp32':<10}  failed: "
                            f"{type(e).__name__}: {str(e)[:80]}")
@@ -372,6 +421,53 @@ def table(device: torch.device, quick: bool, folder: Path, budget: Budget, steps
     return out + [f"note: {n}" for n in notes] + [f"skipped: {s}" for s in skipped]
 
 
+def option_sets(cuda: bool) -> list[frozenset[str]]:
+    """Full float32, each speed option alone, the float32 ones together, and bfloat16 with the layout ones."""
+    fp32 = [o for o in SPEED_OPTIONS if o != "bf16"] if cuda else ["channels_last"]  # TF32, cuDNN: CUDA only
+    return ([frozenset()] + [frozenset([o]) for o in fp32] + ([frozenset(fp32)] if len(fp32) > 1 else [])
+            + [frozenset(["bf16"]), frozenset(["bf16", *[o for o in fp32 if o != "tf32"]])])
+
+
+def options_table(device: torch.device, quick: bool, folder: Path, budget: Budget, steps: int) -> list[str]:
+    """Each speed option against full float32 on the image workloads (their CUDA strategy), and per backbone
+    the fastest float32 setting whose meta-gradient is within TF32_TOLERANCE of full float32's."""
+    cuda = device.type == "cuda"
+    out = [f"{'workload':<24}{'strategy':<9}{'options':<36}{'tasks/s':>9}{'x fp32':>8}{'grad rel':>10}  within"]
+    best: dict[str, tuple[float, frozenset[str]]] = {}
+    for w in workloads(quick, folder):
+        if w.family == "sine" or (quick and w.backbone != "resnet12"):  # --quick: each code path once
+            continue
+        strategy = CUDA_STRATEGY[w.backbone]
+        base_rate, base = None, None
+        for options in option_sets(cuda)[:None if cuda or not quick else 3]:
+            if budget.left() < (5 if quick else 20):
+                out.append(f"{w.label:<24}{strategy:<9}{'+'.join(sorted(options)) or 'fp32':<36}  skipped (budget)")
+                continue
+            kept: list = []
+            try:
+                rate, _ = compute_cell(w, device, strategy, False, False, steps, 0 if quick else 2, options, kept)
+            except Exception as e:  # noqa: BLE001 - one failed cell must not hide the rest
+                out.append(f"{w.label:<24}{strategy:<9}{'+'.join(sorted(options)) or 'fp32':<36}  failed: "
+                           f"{type(e).__name__}: {str(e)[:60]}")
+                continue
+            if not options:
+                base_rate, base = rate, kept[0]
+            rel = _rel(kept[0], base) if base is not None else float("nan")
+            limit = BF16_TOLERANCE if "bf16" in options else TF32_TOLERANCE
+            within = rel <= limit
+            if within and "bf16" not in options and (w.backbone not in best or rate > best[w.backbone][0]):
+                best[w.backbone] = (rate, options)
+            speedup = rate / base_rate if base_rate else float("nan")
+            out.append(f"{w.label:<24}{strategy:<9}{'+'.join(sorted(options)) or 'fp32 (none)':<36}{rate:>9.1f}"
+                       f"{speedup:>8.2f}{rel:>10.1e}  {'yes' if within else 'NO'} (<= {limit:g})")
+            print(f"  measured: {out[-1]}", flush=True)
+    for backbone, (_, options) in sorted(best.items()):
+        setting = {o: o in options for o in SPEED_OPTIONS if o != "bf16"}
+        out.append(f"fastest float32 setting within {TF32_TOLERANCE:g} for {backbone}: {setting}"
+                   f"{'' if cuda else ' (CPU: TF32 and cuDNN do not apply; CUDA_DEFAULTS are for CUDA)'}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny workloads, one timed step each (CPU smoke test)")
@@ -380,7 +476,23 @@ def main() -> None:
     ap.add_argument("--rows", type=lambda v: v.split(","), default=[],
                     help="comma-separated label parts: table rows to measure, e.g. 'SVM,sine' (default all)")
     ap.add_argument("--wheels", default=str(ROOT / "shared" / "wheels"), help="pydantic's wheels, if not installed")
-    args = ap.parse_args()
+    ap.add_argument("--options", type=lambda v: frozenset(o for o in v.split(",") if o), default=frozenset(),
+                    help=f"speed options for the throughput table: comma-separated of {', '.join(SPEED_OPTIONS)}")
+    ap.add_argument("--ray", action="store_true", help="the Ray check instead (benchmarks/gpu_ray.py)")
+    ap.add_argument("--cpu", action="store_true", help="with --ray: the same rows on the CPU")
+    args, rest = ap.parse_known_args()
+    if args.ray:
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.gpu_ray import main as ray_main
+
+        sys.exit(ray_main([*(["--cpu"] if args.cpu else []), *(["--quick"] if args.quick else []),
+                           "--budget", str(args.budget), *(["--rows", ",".join(args.rows)] if args.rows else []),
+                           *rest]))
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    unknown = args.options - set(SPEED_OPTIONS)
+    if unknown:
+        ap.error(f"--options: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SPEED_OPTIONS)}")
     started = time.monotonic()
     budget = Budget(args.budget)
     source = ensure_pydantic(args.wheels)
@@ -405,7 +517,10 @@ def main() -> None:
         print(*qp_check(device, args.quick), sep="\n", flush=True)
         print(f"\nmeta-gradient throughput on {device.type} (episodes on the device; median of {steps} steps):",
               flush=True)
-        print(*table(device, args.quick, folder, budget, steps, args.rows), sep="\n", flush=True)
+        print(*table(device, args.quick, folder, budget, steps, args.rows, args.options), sep="\n", flush=True)
+        print(f"\nspeed options on {device.type} against full float32 (no TF32, NCHW, no cuDNN benchmark):",
+              flush=True)
+        print(*options_table(device, args.quick, folder, budget, steps), sep="\n", flush=True)
         if cuda and budget.left() > 20:
             print("\nwhat a Ray worker would get on this GPU (θ in, episodes drawn and moved, gradient out):")
             for w in workloads(args.quick, folder):

@@ -73,7 +73,7 @@ def real_step_ms(config: str, steps: int = 60, rounds: int = 3) -> dict[str, flo
     from orchestrator.build import build_algorithm
     from orchestrator.config import load_config
     from orchestrator.workers.group import make_group
-    from orchestrator.workers.messages import theta_message
+    from orchestrator.workers.messages import ids_message, received, theta_message
     from tasks.episode import EpisodeIds
 
     cfg = load_config(config, ["workers.mode=ray", "workers.num_workers=2", "tracking.enabled=false"])
@@ -90,8 +90,8 @@ def real_step_ms(config: str, steps: int = 60, rounds: int = 3) -> dict[str, flo
                 return EpisodeIds(cfg.run.seed, step, tuple(range(cfg.outer.meta_batch_size))).split(2)
 
             ways = {"plain": lambda step: group.meta_gradient(theta, shares(step)).compute_s,
-                    "compiled": lambda step: max(r.compute_s for r in ray.get(
-                        compiled.execute(theta_message(theta), *shares(step)), timeout=300))}
+                    "compiled": lambda step: max(received(r).compute_s for r in ray.get(
+                        compiled.execute(theta_message(theta), *map(ids_message, shares(step))), timeout=300))}
             times = {k: [] for k in ways}
             computes = {k: [] for k in ways}
             step = 0

@@ -51,7 +51,7 @@ def sequential(path: Path, n: int, uri: str) -> float:
     """The old `metaray sweep`: every trial's config trained in turn, in this process, under one parent run."""
     from orchestrator import train
     from orchestrator.sweep.plan import plan
-    from orchestrator.tracking.tracker import open_tracker
+    from orchestrator.tracking.open_tracker import open_tracker
 
     p = plan([str(path)], grid=[f"outer.lr={lrs(n)}"], name="sequential", experiment="bench-sweep")
     p.folder.mkdir(parents=True)

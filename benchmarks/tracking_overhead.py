@@ -25,7 +25,8 @@ import torch
 from orchestrator.build import build_algorithm
 from orchestrator.config import parse_config
 from orchestrator.run.central_learner import CentralLearner
-from orchestrator.tracking.tracker import MlflowTracker, NullTracker
+from orchestrator.tracking.open_tracker import NullTracker
+from orchestrator.tracking.tracker import MlflowTracker
 from orchestrator.workers.group import LocalGroup
 
 

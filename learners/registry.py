@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveFloat
+from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt
 from torch import nn
 
 from learners.objective import Objective
@@ -42,8 +42,13 @@ class AlgorithmConfig(BaseModel):
 
     name: str
     """The algorithm (a registered name, e.g. maml, protonet)."""
-    strategy: Literal["auto", "vmap", "loop"] = "auto"
-    """Per-task execution; auto picks the measured faster one for the backbone."""
+    strategy: Literal["auto", "vmap", "loop", "onepass"] = "auto"
+    """Per-task execution; auto picks the measured faster one for the backbone and device. onepass (head-only
+    learners): the images of all the share's tasks in one backbone pass, each task's sets normalized by their own
+    statistics, then the per-task heads."""
+    tasks_per_pass: PositiveInt | None = None
+    """onepass: at most this many tasks per backbone pass, a share cut into chunks where its pass would not fit in
+    memory (null: the whole share in one pass)."""
     inner_lr: PositiveFloat = 0.01
     """Step size of SGD on a support set: the inner loop, and fine-tuning at evaluation (eval.inner_lr)."""
 
@@ -57,6 +62,11 @@ class AlgorithmConfig(BaseModel):
         """Errors that need the whole run config, each as 'section.key: message' (none by default)."""
         return []
 
+    def one_pass(self) -> bool:
+        """Whether the algorithm as configured runs the ``onepass`` strategy: its backbone is the same function of
+        θ for every task (a head-only learner). False by default."""
+        return False
+
 
 @dataclass(frozen=True)
 class Parts:
@@ -66,7 +76,8 @@ class Parts:
     objective: Objective
     in_features: int  # flat input width of the task model
     n_way: int | None  # classes per episode (image tasks), else None
-    strategy: Strategy  # "vmap" or "loop" ("auto" already resolved)
+    strategy: Strategy  # "vmap", "loop" or "onepass" ("auto" already resolved)
+    tasks_per_pass: int | None = None  # onepass: tasks per backbone pass (None: the whole share)
 
 
 DEFAULT_ALGORITHM = "maml"  # an algorithm section without ``name``

@@ -1,9 +1,16 @@
-"""How per-task work is spread over a batch of episodes: ``vmap`` over the task axis, or a Python loop.
+"""How per-task work is spread over a batch of episodes: ``vmap`` over the task axis, a Python loop, or, for
+head-only learners, one backbone pass for all the tasks (``onepass``).
 
 Which one is faster depends on the model and the device, so it is a measured choice
 (``benchmarks/throughput.py``, ``benchmarks/gpu_check.py``): on this project's 2-core CPU, vmap was
 ~10x faster than a loop for the sine MLP, while a loop was 1.5-2x faster than vmap for Conv-4
-(ProtoNet, FOMAML, ANIL and MAML alike). Both give the same sums up to float rounding (tested).
+(ProtoNet, FOMAML, ANIL and MAML alike). All give the same sums up to float rounding (tested).
+
+``onepass`` is for algorithms whose backbone is the same function of θ for every task (ProtoNet, MetaOptNet,
+ANIL's body): the support and query images of all the share's tasks go through it as one batch, each set still
+normalized by its own batch statistics (``learners.models.norm``), and the per-task heads run on the embeddings.
+The algorithm computes every task's loss from that pass (``sum_in_passes``); ``tasks_per_pass`` cuts a share
+whose pass would not fit in memory into chunks.
 
 Two ways to sum over tasks:
 
@@ -33,7 +40,7 @@ from torch.func import grad, vmap
 from learners.params import Params
 from tasks.episode import EpisodeBatch
 
-Strategy = Literal["vmap", "loop"]
+Strategy = Literal["vmap", "loop", "onepass"]
 TaskFn = Callable[..., tuple[Params, dict[str, torch.Tensor]]]
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 TASK_AXES = (None, 0, 0, 0, 0)  # params shared, episode tensors batched
@@ -94,7 +101,7 @@ def sum_over_tasks(task_fn: TaskFn, params: Params, batch: EpisodeBatch, strateg
         ok = torch.stack(flags)
         stats = {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows else {}
         return _summed(acc, stats, ok)
-    raise ValueError(f"unknown strategy {strategy!r}; use 'vmap' or 'loop'")
+    raise ValueError(f"strategy {strategy!r} does not run a per-task function; use 'vmap' or 'loop'")
 
 
 def compiled_tasks(task_fn: TaskFn, strategy: Strategy) -> TaskFn:
@@ -122,12 +129,13 @@ def _summed(grads: Params, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> 
     return Summed(grads, dict(zip(stats, values[len(ok):])), kept, len(flags) - kept, flags)
 
 
-def sum_of_losses(batched: LossFn, loss_fn: LossFn, params: Params, batch: EpisodeBatch) -> Summed:
+def sum_of_losses(batched: LossFn, loss_fn: LossFn, params: Params, batch: EpisodeBatch,
+                  fallback: Strategy = "vmap") -> Summed:
     """Sum over tasks of the gradient of ``loss_fn(params, sx, sy, qx, qy) -> (loss, stats)`` and of its stats,
     from ``batched``, which computes every task's loss and stats at once (``[T]`` each) with the same numbers.
 
     One backward of the summed losses. If any loss, statistic or the summed gradient is not finite, the per-task
-    gradients of ``loss_fn`` are recomputed (``sum_over_tasks``, vmap) to drop the offenders.
+    gradients of ``loss_fn`` are recomputed (``sum_over_tasks`` with ``fallback``) to drop the offenders.
     """
     tensors = _episode_tensors(batch)
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -140,7 +148,38 @@ def sum_of_losses(batched: LossFn, loss_fn: LossFn, params: Params, batch: Episo
     if all(map(math.isfinite, sums)):
         n = len(batch)
         return Summed(grads, dict(zip(stats, sums[1 + len(grads):])), n, 0, [True] * n)
-    return sum_over_tasks(gradient_of(loss_fn), params, batch, "vmap")
+    return sum_over_tasks(gradient_of(loss_fn), params, batch, fallback)
+
+
+def sum_in_passes(batched: LossFn, loss_fn: LossFn, params: Params, batch: EpisodeBatch,
+                  tasks_per_pass: int | None = None) -> Summed:
+    """The ``onepass`` strategy: ``sum_of_losses`` of ``batched`` (every task's loss from one backbone pass) over
+    chunks of ``tasks_per_pass`` tasks (None: the whole share at once), each with its own backward.
+
+    Where a chunk has a non-finite term, its tasks are recomputed one at a time (``loss_fn``, loop), so the
+    same tasks are dropped as on the per-task path.
+    """
+    return merged([sum_of_losses(batched, loss_fn, params, part, fallback="loop")
+                   for part in chunks(batch, tasks_per_pass)])
+
+
+def chunks(batch: EpisodeBatch, tasks: int | None) -> list[EpisodeBatch]:
+    """``batch`` cut into consecutive parts of ``tasks`` tasks (the last may be shorter); None: ``[batch]``."""
+    if tasks is None or tasks >= len(batch):
+        return [batch]
+    return [batch[i:i + tasks] for i in range(0, len(batch), tasks)]
+
+
+def merged(parts: list[Summed]) -> Summed:
+    """One ``Summed`` of consecutive parts of a batch: their sums added, their flags in order."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    grads = {k: sum((p.grads[k] for p in parts[1:]), first.grads[k]) for k in first.grads}
+    keys = dict.fromkeys(k for p in parts for k in p.stats)
+    stats = {k: sum(p.stats.get(k, 0.0) for p in parts) for k in keys}
+    return Summed(grads, stats, sum(p.tasks for p in parts), sum(p.dropped for p in parts),
+                  [f for p in parts for f in p.per_task_finite])
 
 
 def gradient_of(loss_fn: LossFn) -> TaskFn:

@@ -31,6 +31,21 @@ AUTO_STRATEGY = {
     ("cpu", "mlp"): "vmap", ("cpu", "conv4"): "loop", ("cpu", "resnet12"): "loop",
     ("cuda", "mlp"): "vmap", ("cuda", "conv4"): "vmap", ("cuda", "resnet12"): "loop",
 }
+# The same for head-only learners (an algorithm config whose one_pass() is true), which can also run onepass;
+# a (device, backbone) not listed takes AUTO_STRATEGY's entry. CPU: none listed: on this project's 2-core CPU one
+# pass over a whole share was 0.5-0.6x the loop for Conv-4 ProtoNet and MetaOptNet-SVM (its activations outgrow
+# the caches; one task per pass matched the loop), and no faster for ResNet-12 (docs/performance.md, "One
+# backbone pass"). CUDA: not measured yet (benchmarks/gpu_check.py times it).
+AUTO_HEAD_ONLY: dict[tuple[str, str], str] = {}
+
+# CUDA speed options when model.tf32 / channels_last / cudnn_benchmark are "auto", by backbone. Off until
+# benchmarks/gpu_check.py measures them on a GPU (its "speed options" table: the fastest setting within the
+# stated tolerance); TF32 off is full float32, what the tests compare CUDA against.
+CUDA_DEFAULTS: dict[str, dict[str, bool]] = {
+    "mlp": {"tf32": False, "channels_last": False, "cudnn_benchmark": False},
+    "conv4": {"tf32": False, "channels_last": False, "cudnn_benchmark": False},
+    "resnet12": {"tf32": False, "channels_last": False, "cudnn_benchmark": False},
+}
 
 Split = Literal["train", "val", "test", "eval"]
 """Whose episodes: training's, a named split's, or evaluation's (``task.eval_split``)."""
@@ -148,8 +163,23 @@ def build_algorithm(cfg: Config, split: Split = "eval", device: torch.device | s
     n_way = episode_shape(cfg.task, split)[0]["n_way"] if isinstance(cfg.task, ImageTaskConfig) else None
     model, objective, in_features = build_model(cfg, n_way)
     a = cfg.algorithm
-    strategy = AUTO_STRATEGY[torch.device(device).type, cfg.model.backbone] if a.strategy == "auto" else a.strategy
-    return a.build(Parts(model, objective, in_features, n_way, strategy))
+    return a.build(Parts(model, objective, in_features, n_way, resolve_strategy(cfg, device), a.tasks_per_pass))
+
+
+def cuda_options(cfg: Config) -> dict[str, bool]:
+    """model.tf32, channels_last and cudnn_benchmark, "auto" resolved for the backbone (``CUDA_DEFAULTS``);
+    they apply where a worker computes on CUDA (``orchestrator.workers.worker``)."""
+    measured = CUDA_DEFAULTS[cfg.model.backbone]
+    return {k: measured[k] if getattr(cfg.model, k) == "auto" else getattr(cfg.model, k) for k in measured}
+
+
+def resolve_strategy(cfg: Config, device: torch.device | str = "cpu") -> str:
+    """``algorithm.strategy``, with auto resolved for the backbone on ``device`` (``AUTO_STRATEGY``)."""
+    a = cfg.algorithm
+    if a.strategy != "auto":
+        return a.strategy
+    key = (torch.device(device).type, cfg.model.backbone)
+    return AUTO_HEAD_ONLY.get(key, AUTO_STRATEGY[key]) if a.one_pass() else AUTO_STRATEGY[key]
 
 
 def blueprint(cfg: Config) -> Blueprint:

@@ -150,6 +150,16 @@ class EpisodeBatch:
     def __getitem__(self, sl: slice) -> "EpisodeBatch":
         return EpisodeBatch(self.support_x[sl], self.support_y[sl], self.query_x[sl], self.query_y[sl])
 
+    def channels_last(self) -> "EpisodeBatch":
+        """The batch with its images ``[T, n, C, H, W]`` laid out channels-last: each image set ``[n, C, H, W]``
+        (and the whole share flattened to ``[T * n, C, H, W]``) is then an NHWC tensor, the layout convolutions
+        run fastest in on tensor cores. The same values."""
+
+        def nhwc(x: torch.Tensor) -> torch.Tensor:
+            return x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if x.dim() == 5 else x
+
+        return EpisodeBatch(nhwc(self.support_x), self.support_y, nhwc(self.query_x), self.query_y)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EpisodeBatch":
         """The batch on ``device`` (floating tensors in ``dtype`` if given; labels keep theirs). To a GPU it is
         one copy for the whole share, from pinned memory (``transfer``), not one per tensor."""

@@ -22,6 +22,10 @@ graph plus one copy of the parameters per step, not with every step's graph.
 path differentiates with ``torch.autograd`` one task at a time; it is tested
 equal to the plain path.
 
+ANIL's body is the same function of θ for every task (the inner loop moves the head only), so plain ANIL also
+runs ``onepass``: the support and query images of all the share's tasks in one pass of the body
+(``embed_sets``), then every task's inner loop on the head over those embeddings (``maml_batched``).
+
 >>> from learners.models.mlp import MLP
 >>> from learners.objective import MSE
 >>> maml = MAML(MLP(1, [40, 40], 1), MSE(), inner_steps=1, inner_lr=0.01)
@@ -40,13 +44,23 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
-from learners.algorithms.maml_batched import batched_losses
+from learners.algorithms.maml_batched import batched_losses, linear_heads
 from learners.inner_loop import descend, inner_step
 from learners.inner_update import InnerUpdate, norm_keys
+from learners.models.classifier import Classifier, embed_sets
 from learners.objective import Objective, query_stats
 from learners.params import Params, init_params
 from learners.registry import AlgorithmConfig, Parts, register
-from learners.strategy import LossFn, Strategy, Summed, compiled_tasks, gradient_of, sum_of_losses, sum_over_tasks
+from learners.strategy import (
+    LossFn,
+    Strategy,
+    Summed,
+    compiled_tasks,
+    gradient_of,
+    sum_in_passes,
+    sum_of_losses,
+    sum_over_tasks,
+)
 from tasks.episode import EpisodeBatch
 
 
@@ -66,6 +80,7 @@ class MAML:
     first_order_until: int = 0  # MAML++ derivative-order annealing: first order for meta-steps below this
     checkpoint_inner: bool = False
     compile: bool = False  # torch.compile the per-task gradient (batched with vmap): pays over long runs only
+    tasks_per_pass: int | None = None  # onepass: tasks per backbone pass (None: the whole share)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -159,6 +174,13 @@ class MAML:
             if key not in self._cache:
                 self._cache[key] = compiled_tasks(self.task_gradient, self.strategy)
             return sum_over_tasks(self.task_gradient, params, batch, self.strategy, self._cache[key])
+        if self.strategy == "onepass":
+            if "onepass" not in self._cache:
+                self._cache["onepass"] = self.one_pass_losses()
+            if self._cache["onepass"] is None:
+                raise ValueError(f"{self.name}: the onepass strategy needs plain ANIL (SGD at a fixed rate on the "
+                                 "head of a classifier, the last query loss); use vmap or loop")
+            return sum_in_passes(self._cache["onepass"], self.task_loss, params, batch, self.tasks_per_pass)
         if plain and self.strategy == "vmap":
             if "batched" not in self._cache:  # all tasks at once without vmap, where the backbone allows
                 self._cache["batched"] = self.task_batched_losses()
@@ -171,12 +193,34 @@ class MAML:
         and ANIL (fixed-rate SGD, the last query loss; not a subclass, which computes something else) on a
         backbone with ``forward_tasks``."""
         forward = getattr(self.model, "forward_tasks", None)
-        plain = (type(self) is MAML and self.update == InnerUpdate(self.inner_lr) and self.loss_weights is None
-                 and not (self.multi_step_until or self.first_order_until or self.checkpoint_inner))
+        plain = self._plain() and self.update == InnerUpdate(self.inner_lr)
         if forward is None or not hasattr(self.objective, "task_losses") or not plain:
             return None
         return batched_losses(forward, self.objective, self._moved_keys(), self.inner_steps, self.inner_lr,
                               self.first_order)
+
+    def one_pass_losses(self) -> LossFn | None:
+        """Plain ANIL's meta-losses of all tasks from one pass of the body over every task's support and query
+        images (the body's output does not change in the inner loop), the head's inner loop batched over tasks;
+        None where the algorithm is not plain ANIL on a classifier."""
+        model = self.model
+        if not (isinstance(model, Classifier) and self.inner_keys == model.head_keys and self._plain()):
+            return None
+        head = batched_losses(linear_heads, self.objective, self.inner_keys, self.inner_steps, self.inner_lr,
+                              self.first_order)
+
+        def losses(params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
+            support, query = embed_sets(model, params, sx, qx)
+            return head({k: params[k] for k in self.inner_keys}, support, sy, query, qy)
+
+        return losses
+
+    def _plain(self) -> bool:
+        """Plain MAML, FOMAML or ANIL: SGD at the fixed rate inner_lr, the last query loss, no subclass."""
+        u = self.update
+        return (type(self) is MAML and u.rates == "fixed" and u.lr == self.inner_lr and not u.step_norms
+                and not u.proximal and self.loss_weights is None
+                and not (self.multi_step_until or self.first_order_until or self.checkpoint_inner))
 
 
 def multi_step_weights(steps: int, progress: float) -> tuple[float, ...]:
@@ -222,6 +266,10 @@ class MAMLConfig(AlgorithmConfig):
             return {**data, "first_order": True}
         return data
 
+    def one_pass(self) -> bool:
+        return (self.name == "anil" and not (self.lslr or self.per_step_bn or self.multi_step_loss
+                                             or self.first_order_steps or self.checkpoint_inner or self.compile))
+
     def build(self, parts: Parts) -> MAML:
         inner_keys = parts.model.head_keys if self.name == "anil" else None
         norms = norm_keys(parts.model) if self.per_step_bn else ()
@@ -231,7 +279,7 @@ class MAMLConfig(AlgorithmConfig):
                     first_order=self.first_order or self.name == "fomaml", inner_keys=inner_keys,
                     strategy="loop" if self.checkpoint_inner else parts.strategy, name=self.name, update=update,
                     multi_step_until=self.multi_step_loss, first_order_until=self.first_order_steps,
-                    checkpoint_inner=self.checkpoint_inner, compile=self.compile)
+                    checkpoint_inner=self.checkpoint_inner, compile=self.compile, tasks_per_pass=parts.tasks_per_pass)
 
     def check(self, cfg) -> list[str]:
         errors = []

@@ -48,3 +48,9 @@ def batched_losses(forward: Callable[[Params, torch.Tensor], torch.Tensor], obje
         return losses, stats
 
     return losses
+
+
+def linear_heads(params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Logits ``[T, N, C]`` of T linear heads (``head.weight`` [T, C, D], ``head.bias`` [T, C]) on embeddings
+    ``x`` [T, N, D]: the ``forward`` of ``batched_losses`` for a head on fixed embeddings (ANIL in one pass)."""
+    return torch.baddbmm(params["head.bias"][:, None], x, params["head.weight"].mT)

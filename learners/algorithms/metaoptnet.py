@@ -11,10 +11,10 @@ Both heads are linear in the query embedding, logits = q · Wᵀ with
 W = αᵀ X_support, so a task's model is again the embedding plus a linear head,
 and evaluation, fine-tuning and export are shared with ProtoNet and MAML.
 
-Embeddings are computed task by task (batch norm uses each task's own
-statistics, so a task's result never depends on which other tasks share its
-meta-batch); the head is then solved for all tasks at once. A task whose solver
-fails or does not converge is dropped from the step and counted.
+Embeddings are computed task by task (``loop``, ``vmap``), or for all the share's tasks in one pass of the
+backbone (``onepass``, ``embed_sets``); either way batch norm uses each task's own statistics, so a task's result
+never depends on which other tasks share its meta-batch. The head is then solved for all tasks at once. A task
+whose solver fails or does not converge is dropped from the step and counted.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from learners.heads.ridge_head import ridge_dual
 from learners.heads.support_head import SupportHead
 from learners.heads.svm_head import dual_readout, svm_dual
-from learners.models.classifier import embed
+from learners.models.classifier import embed, embed_sets
 from learners.objective import after_stats
 from learners.params import Params
 from learners.registry import AlgorithmConfig, Parts, register
-from learners.strategy import Strategy, Summed, kept_stats
+from learners.strategy import Strategy, Summed, chunks, kept_stats, merged
 from tasks.episode import EpisodeBatch
 
 
@@ -50,15 +50,19 @@ class MetaOptNet(SupportHead):
     label_smoothing: float = 0.0
     strategy: Strategy = "loop"
     name: str = "metaoptnet-svm"
+    tasks_per_pass: int | None = None  # onepass: tasks per backbone pass (None: the whole share)
 
     def init_params(self, seed: int) -> Params:
         return {**super().init_params(seed), "scale": torch.ones(1)}
 
-    def _embed_tasks(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """[T, n, ...] images -> [T, n, D] embeddings, each task through the network on its own."""
+    def _embed_tasks(self, params: Params, support_x: torch.Tensor, query_x: torch.Tensor) -> list[torch.Tensor]:
+        """[T, n, ...] support and query images -> [T, n, D] embeddings: each set through the network on its own
+        (vmap, loop), or all of them in one pass (onepass), each set normalized by its own statistics."""
+        if self.strategy == "onepass":
+            return embed_sets(self.model, params, support_x, query_x)
         if self.strategy == "vmap":
-            return vmap(lambda xi: embed(self.model, params, xi))(x)
-        return torch.stack([embed(self.model, params, xi) for xi in x])
+            return [vmap(lambda xi: embed(self.model, params, xi))(x) for x in (support_x, query_x)]
+        return [torch.stack([embed(self.model, params, xi) for xi in x]) for x in (support_x, query_x)]
 
     def _dual(self, support: torch.Tensor, labels: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha [T, S, n_way] and the per-task ``ok`` mask."""
@@ -78,10 +82,13 @@ class MetaOptNet(SupportHead):
         return res.x, res.ok
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
+        parts = chunks(batch, self.tasks_per_pass if self.strategy == "onepass" else None)
+        return merged([self._meta_gradient(params, part) for part in parts])
+
+    def _meta_gradient(self, params: Params, batch: EpisodeBatch, retry: bool = True) -> Summed:
         leaves, spec = tree_flatten({k: v.detach().requires_grad_() for k, v in params.items()})
         p = tree_unflatten(leaves, spec)
-        support = self._embed_tasks(p, batch.support_x)
-        query = self._embed_tasks(p, batch.query_x)
+        support, query = self._embed_tasks(p, batch.support_x, batch.query_x)
         # A task whose embeddings are not finite is zeroed before the solve and dropped: it cannot poison the
         # others, which share the batched solver and the backward pass.
         with torch.no_grad():
@@ -99,6 +106,11 @@ class MetaOptNet(SupportHead):
             values = torch.autograd.grad(losses[ok].sum(), leaves, allow_unused=True)
             grads = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, values)]
             if not all(bool(g.sum().isfinite()) for g in grads):  # finite losses, non-finite gradient
+                # A dropped task's non-finite activations still meet zero upstream gradients in the backbone's
+                # backward (0 * NaN): the kept tasks are computed again without it, once.
+                keep = [i for i, f in enumerate(ok.tolist()) if f]
+                if retry and len(keep) < len(batch):
+                    return _spread(self._meta_gradient(params, batch[keep], retry=False), keep, len(batch))
                 grads, kept, ok = [torch.zeros_like(v) for v in leaves], 0, torch.zeros_like(ok)
         per_task = [after_stats(self.objective, lg, y) for lg, y in zip(logits.detach(), batch.query_y)]
         stats = {k: torch.stack([t[k] for t in per_task]) for k in per_task[0]}
@@ -113,10 +125,21 @@ class MetaOptNet(SupportHead):
                                                                            device=weight.device)}
 
 
+def _spread(part: Summed, tasks: list[int], n: int) -> Summed:
+    """``part``, computed on the tasks ``tasks`` of a batch of ``n``, as that batch's result: the others dropped."""
+    flags = [False] * n
+    for i, f in zip(tasks, part.per_task_finite):
+        flags[i] = f
+    return Summed(part.grads, part.stats, part.tasks, n - part.tasks, flags)
+
+
 class _MetaOptNetConfig(AlgorithmConfig):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """Label smoothing of the query loss."""
     families = ("images",)
+
+    def one_pass(self) -> bool:
+        return True
 
 
 @register
@@ -136,7 +159,8 @@ class MetaOptNetSVMConfig(_MetaOptNetConfig):
     def build(self, parts: Parts) -> MetaOptNet:
         return MetaOptNet(parts.model, parts.objective, parts.n_way, head="svm", solver=self.solver, C=self.svm_c,
                           train_iters=self.solver_iters, eval_iters=self.eval_solver_iters,
-                          label_smoothing=self.label_smoothing, strategy=parts.strategy, name=self.name)
+                          label_smoothing=self.label_smoothing, strategy=parts.strategy, name=self.name,
+                          tasks_per_pass=parts.tasks_per_pass)
 
 
 @register
@@ -149,4 +173,5 @@ class MetaOptNetRidgeConfig(_MetaOptNetConfig):
 
     def build(self, parts: Parts) -> MetaOptNet:
         return MetaOptNet(parts.model, parts.objective, parts.n_way, head="ridge", lam=self.ridge_lambda,
-                          label_smoothing=self.label_smoothing, strategy=parts.strategy, name=self.name)
+                          label_smoothing=self.label_smoothing, strategy=parts.strategy, name=self.name,
+                          tasks_per_pass=parts.tasks_per_pass)

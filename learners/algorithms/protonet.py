@@ -9,6 +9,10 @@ which has the softmax of negative squared Euclidean distances (the ``|z|²``
 term is the same for every class). Writing it as a linear head lets test-time
 SGD steps fine-tune it like any other head (``tunable``), and lets the same
 export/evaluation code serve ProtoNet, MAML and MetaOptNet.
+
+Strategies: per task (``vmap`` or ``loop`` over ``task_gradient``), or ``onepass``: the support and query images
+of all the share's tasks in one pass of the embedding network (``embed_sets``), the prototypes and query logits of
+every task from those embeddings, one backward (``one_pass_losses``).
 """
 
 from __future__ import annotations
@@ -17,43 +21,56 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch.func import grad
 
 from learners.heads.support_head import SupportHead
-from learners.models.classifier import embed
+from learners.models.classifier import embed, embed_sets
 from learners.objective import after_stats
 from learners.params import Params
 from learners.registry import AlgorithmConfig, Parts, register
-from learners.strategy import Strategy, Summed, sum_over_tasks
+from learners.strategy import Strategy, Summed, gradient_of, sum_in_passes, sum_over_tasks
 from tasks.episode import EpisodeBatch
 
 
 def prototype_head(embedding: torch.Tensor, labels: torch.Tensor, n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [n_way, D], bias [n_way]) of the linear head equivalent to nearest-prototype classification."""
+    """(weight [n_way, D], bias [n_way]) of the linear head equivalent to nearest-prototype classification; with
+    leading task axes (embedding [T, S, D], labels [T, S]) one head per task ([T, n_way, D], [T, n_way])."""
     # A comparison rather than F.one_hot, which vmap cannot batch.
-    onehot = (labels[:, None] == torch.arange(n_way, device=labels.device)).to(embedding.dtype)
-    protos = onehot.T @ embedding / onehot.sum(0).clamp_min(1)[:, None]
-    return 2 * protos, -(protos**2).sum(1)
+    onehot = (labels[..., None] == torch.arange(n_way, device=labels.device)).to(embedding.dtype)
+    protos = onehot.mT @ embedding / onehot.sum(-2).clamp_min(1)[..., None]
+    return 2 * protos, -(protos**2).sum(-1)
 
 
 @dataclass
 class ProtoNet(SupportHead):
     strategy: Strategy = "vmap"
     name: str = "protonet"
+    tasks_per_pass: int | None = None  # onepass: tasks per backbone pass (None: the whole share)
 
     def start(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         weight, bias = prototype_head(embed(self.model, params, support_x), support_y, self.n_way)
         return {**params, "head.weight": weight, "head.bias": bias}
 
-    def task_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
-        def query_loss(p: Params):
-            pred = self.predict(self.start(p, sx, sy), qx)
-            return self.objective.loss(pred, qy), pred
+    def task_loss(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
+        """One task's query loss (differentiable in ``params``) and its detached statistics."""
+        pred = self.predict(self.start(params, sx, sy), qx)
+        return self.objective.loss(pred, qy), after_stats(self.objective, pred, qy)
 
-        grads, pred = grad(query_loss, has_aux=True)(params)
-        return grads, after_stats(self.objective, pred, qy)
+    def task_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
+        return gradient_of(self.task_loss)(params, sx, sy, qx, qy)
+
+    def one_pass_losses(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
+                        qy: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every task's query loss [T] and statistics from one backbone pass over all the tasks' images."""
+        support, query = embed_sets(self.model, params, sx, qx)
+        weight, bias = prototype_head(support, sy, self.n_way)
+        logits = torch.baddbmm(bias[:, None], query, weight.mT)
+        losses = self.objective.task_losses(logits, qy)
+        metrics = self.objective.task_metrics(logits.detach(), qy)
+        return losses, {"loss_after": losses.detach(), **{f"{k}_after": v for k, v in metrics.items()}}
 
     def meta_gradient(self, params: Params, batch: EpisodeBatch) -> Summed:
+        if self.strategy == "onepass":
+            return sum_in_passes(self.one_pass_losses, self.task_loss, params, batch, self.tasks_per_pass)
         return sum_over_tasks(self.task_gradient, params, batch, self.strategy)
 
 
@@ -63,4 +80,8 @@ class ProtoNetConfig(AlgorithmConfig):
     families = ("images",)
 
     def build(self, parts: Parts) -> ProtoNet:
-        return ProtoNet(parts.model, parts.objective, n_way=parts.n_way, strategy=parts.strategy)
+        return ProtoNet(parts.model, parts.objective, n_way=parts.n_way, strategy=parts.strategy,
+                        tasks_per_pass=parts.tasks_per_pass)
+
+    def one_pass(self) -> bool:
+        return True

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from learners.models.norm import per_set_statistics
 from learners.params import Params
 
 
@@ -37,3 +38,14 @@ def feature_params(params: Params) -> Params:
 def embed(model: Classifier, params: Params, x: torch.Tensor) -> torch.Tensor:
     """Embeddings of ``x`` under the ``features`` part of ``params``."""
     return functional_call(model.features, feature_params(params), (x,))
+
+
+def embed_sets(model: Classifier, params: Params, *sets: torch.Tensor) -> list[torch.Tensor]:
+    """Embeddings ``[T, n, D]`` of each ``[T, n, ...]`` set of images (e.g. every task's support set, then every
+    task's query set), from ONE pass of ``features`` over all their images, in which batch norm normalizes each
+    task's set by its own statistics: per set, what ``embed`` of that set alone computes, up to float rounding."""
+    blocks = tuple((s.shape[0], s.shape[1]) for s in sets)
+    images = torch.cat([s.reshape(-1, *s.shape[2:]) for s in sets]) if len(sets) > 1 else sets[0].flatten(0, 1)
+    with per_set_statistics(blocks):
+        flat = embed(model, params, images)
+    return [z.view(count, size, -1) for z, (count, size) in zip(flat.split([c * n for c, n in blocks]), blocks)]

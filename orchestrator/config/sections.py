@@ -22,6 +22,15 @@ class ModelConfig(Strict):
     precision: Literal["float32", "bfloat16"] = "float32"
     """bfloat16: the workers run the backbone under bfloat16 autocast (mixed precision); parameters, gradients
     and the sums over tasks stay float32."""
+    tf32: Literal["auto"] | bool = "auto"
+    """CUDA: TF32 for float32 matmuls and convolutions (a 10-bit mantissa: ~1e-3 relative per product; the tests
+    compare against float32 without it); auto: as measured for the backbone (orchestrator/build.py)."""
+    channels_last: Literal["auto"] | bool = "auto"
+    """CUDA: images and activations in channels-last (NHWC) layout, the convolutions' fastest on tensor cores;
+    same numbers up to rounding; auto: as measured for the backbone."""
+    cudnn_benchmark: Literal["auto"] | bool = "auto"
+    """CUDA: cuDNN times its convolution algorithms on the first call of each shape and keeps the fastest (may
+    pick a non-deterministic one); auto: as measured for the backbone."""
 
 
 OPTIMIZER_KEYS = {"adam": (), "sgd": ("momentum", "nesterov")}

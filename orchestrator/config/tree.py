@@ -78,6 +78,13 @@ class Config(Strict):
         if self.task.family not in a.families:
             errors.append(f"algorithm.name: {a.name} works on task.family {' or '.join(a.families)}, not "
                           f"{self.task.family!r}")
+        if a.strategy == "onepass" and not a.one_pass():
+            errors.append(f"algorithm.strategy: onepass runs one backbone pass for all tasks, which needs a backbone "
+                          f"that is the same for every task (a head-only learner); {a.name} as configured adapts "
+                          "it per task: use auto, vmap or loop")
+        if a.tasks_per_pass is not None and not (a.strategy in ("onepass", "auto") and a.one_pass()):
+            errors.append("algorithm.tasks_per_pass: only the onepass strategy cuts a share into passes; set "
+                          "algorithm.strategy: onepass (or auto), or leave tasks_per_pass out")
         errors += a.check(self)
         for name in self.eval.probes:
             try:

@@ -138,6 +138,8 @@ class CentralLearner:
             "orchestrator/skipped_steps": float(self.skipped_steps),
             "outer/lr": lr,
         })
+        if agg.peak_mb:
+            metrics["perf/peak_gpu_mb"] = agg.peak_mb
         return metrics
 
     def _apply(self, grad: np.ndarray) -> bool:

@@ -35,10 +35,10 @@ from orchestrator.run.selection import BEST, selection_for, validate
 from orchestrator.run.services import Services
 from orchestrator.tracking import plots
 from orchestrator.tracking.logged_model import example_task
-from orchestrator.tracking.tracker import open_tracker
+from orchestrator.tracking.open_tracker import open_tracker
 from tasks.episode import EpisodeIds, Purpose
 
-HISTORY_PREFIXES = ("meta/", "inner/", "orchestrator/")
+HISTORY_PREFIXES = ("meta/", "inner/", "orchestrator/", "perf/")
 # Written once a run's evaluation (EVAL_FILE) and artifacts are in: --resume of that same checkpoint has nothing
 # left to do.
 DONE = "done.json"
@@ -54,7 +54,7 @@ class TrainResult:
     skipped_steps: int
     results: Results
     run_dir: Path
-    history: dict[str, list[float]]  # per meta-step of this process: meta/*, inner/*, orchestrator/*
+    history: dict[str, list[float]]  # per meta-step of this process: meta/*, inner/*, orchestrator/*, perf/*
     run_id: str | None
     test_curve: tuple[np.ndarray, np.ndarray] | None  # held-out query loss (mean, 95% CI) after 0..k steps
     learner_pid: int  # the process that ran the learner (this one, or a learner actor's)
@@ -148,6 +148,9 @@ class TrainRecipe:
             raise
         self.save()
         self._say_what_was_skipped()
+        line = perf_summary(self.history, self.cfg.outer.meta_batch_size)
+        if line:
+            print(line, file=self.out, flush=True)
 
     def _say_what_was_skipped(self) -> None:
         """Skipped steps (non-finite gradients or updates) leave θ where it was: a run of only those trained
@@ -324,6 +327,25 @@ def _done(cfg: Config, step: int) -> tuple[Results, tuple[np.ndarray, np.ndarray
 
 def _eval_batch(cfg: Config, n: int):
     return build_tasks(cfg.task, "eval").sample(EpisodeIds(cfg.eval.seed, 0, tuple(range(n)), Purpose.EVAL))
+
+
+def perf_summary(history: dict[str, list[float]], meta_batch: int) -> str:
+    """One line of where this process's meta-steps went: medians over the steps after the first tenth (warm-up:
+    the first calls, allocator growth), of the metrics the tracker logs (``perf/*``). ``benchmarks/gpu_check.py``
+    reads it from the command's output, with tracking off."""
+    step, compute = history.get("perf/step_s", []), history.get("perf/compute_s", [])
+    if not step:
+        return ""
+    skip = len(step) // 10
+    median = lambda values: float(np.median(values[skip:]))  # noqa: E731
+    step_s, compute_s = median(step), median(compute)
+    line = (f"perf: median of steps {skip + 1}-{len(step)} of this run: step {step_s * 1e3:.2f} ms, compute "
+            f"{compute_s * 1e3:.2f} ms, overhead (step - compute) "
+            f"{median([a - b for a, b in zip(step, compute)]) * 1e3:.2f} ms, {meta_batch / step_s:.1f} tasks/s")
+    peak = history.get("perf/peak_gpu_mb")
+    if peak:
+        line += f", peak GPU memory of a worker {max(peak):.0f} MB"
+    return line
 
 
 def _progress(out, step: int, total: int, m: dict[str, float], elapsed: float) -> None:

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 from types import TracebackType
 
+import torch
+
 from orchestrator.config import Config
 from orchestrator.run.divergence import TAG as DIVERGED_TAG
-from orchestrator.tracking.tracker import MlflowTracker, NullTracker
+from orchestrator.tracking.open_tracker import Tracker
 from orchestrator.workers.group import Group, make_group
 
 
 class Services:
-    def __init__(self, tracker: MlflowTracker | NullTracker, out=None):
+    def __init__(self, tracker: Tracker, out=None):
         self.tracker = tracker
         self.group: Group | None = None
         self.out = out
         self.failed = False
+        self._threads = torch.get_num_threads()
 
     def fail(self, reason: str) -> None:
         """The run failed without an exception (it diverged): tagged with ``reason``, it ends FAILED."""
@@ -31,7 +34,9 @@ class Services:
         self.tracker.log_tags({DIVERGED_TAG: reason})
 
     def start_workers(self, cfg: Config) -> Group:
+        """The run's worker group; this process then uses the torch threads the group leaves it (until close)."""
         self.group = make_group(cfg)
+        torch.set_num_threads(self.group.learner_threads())
         return self.group
 
     def __enter__(self) -> Services:
@@ -46,6 +51,7 @@ class Services:
             if self.group is not None:
                 self.group.close()
         finally:
+            torch.set_num_threads(self._threads)
             undelivered = self.tracker.close(status)
             if undelivered:
                 print(undelivered, file=self.out)

@@ -38,7 +38,7 @@ from orchestrator.sweep import report as sweep_report
 from orchestrator.sweep.plan import STATE, Plan, plan
 from orchestrator.sweep.report import TrialOutcome
 from orchestrator.sweep.trial import TRIAL, Progress, Trial, placement
-from orchestrator.tracking.tracker import open_tracker
+from orchestrator.tracking.open_tracker import open_tracker
 from orchestrator.workers.ray_session import connect, shutdown, start_embedded
 
 ASHA_REDUCTION = 3  # keep the best third at every rung (Hyperband's eta)

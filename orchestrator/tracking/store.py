@@ -21,6 +21,11 @@ class TrackingError(ValueError):
     """The tracking store named by the config or environment cannot be used."""
 
 
+def experiment_name(cfg: Config) -> str:
+    """The MLflow experiment a run of ``cfg`` is recorded in."""
+    return cfg.tracking.experiment or f"metaray-{cfg.task.family}"
+
+
 def resolve_uri(cfg: Config) -> str:
     """The store's URI without credentials: a user and password in it (``http://user:secret@host``) move to
     MLflow's own variables, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, of this process and the

@@ -51,7 +51,7 @@ from orchestrator.tracking.delivery import (
     without_http_retries,
     write_meta,
 )
-from orchestrator.tracking.store import TrackingError, absolute_uri, first_touch, resolve_uri
+from orchestrator.tracking.store import TrackingError, absolute_uri, experiment_name, first_touch, resolve_uri
 from orchestrator.tracking.writer import MetricProcess
 from orchestrator.version import version
 
@@ -59,34 +59,6 @@ log = logging.getLogger("metaray")
 EXPERIMENT_KIND = "mlflow.experimentKind"  # read by the UI: model training, not GenAI (traces, tokens)
 MODEL_TRAINING = "custom_model_development"
 EVALUATION_STEP = 0  # the MLflow step of evaluation results (see log_evaluation)
-
-
-def experiment_name(cfg: Config) -> str:
-    return cfg.tracking.experiment or f"metaray-{cfg.task.family}"
-
-
-class NullTracker:
-    """Tracking switched off (``tracking.enabled: false``)."""
-
-    run_id: str | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"run_id": None}
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_config(self, cfg: Config, resources: dict[str, Any], extra: dict[str, Any] | None = None) -> None: ...
-    def log_tags(self, tags: dict[str, str]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_evaluation(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
-    def log_figure(self, figure: Any, name: str) -> None: ...
-    def log_text(self, text: str, artifact_file: str) -> None: ...
-    def log_model(self, blueprint: Any, params: Any, example: Any, step: int | None = None) -> None: ...
-    def flush(self) -> None: ...
-    def sibling_curves(self, metric: str) -> dict[str, list[float]]:
-        return {}
-    def close(self, status: str = "FINISHED") -> str:
-        return ""
 
 
 class MlflowTracker:
@@ -280,13 +252,6 @@ class MlflowTracker:
         except Exception as e:  # noqa: BLE001 - tracking never kills training
             log.warning("tracking: %s failed (%s); training goes on", getattr(fn, "__name__", "call"), one_line(e, 240))
             return default
-
-
-def open_tracker(cfg: Config, state: dict[str, Any] | None = None, **kwargs: Any) -> MlflowTracker | NullTracker:
-    """The run's tracker; ``state`` (a tracker's ``state_dict()`` from a checkpoint) continues its MLflow run."""
-    if not cfg.tracking.enabled:
-        return NullTracker()
-    return MlflowTracker(cfg, run_id=(state or {}).get("run_id"), **kwargs)
 
 
 def _tags(cfg: Config, command: str, parent_run_id: str | None) -> dict[str, str]:

@@ -30,7 +30,7 @@ from learners.registry import plugin_modules
 from orchestrator.config import Config
 from orchestrator.errors import RunFailed, one_line
 from orchestrator.workers.faults import FaultDrill, FaultLog
-from orchestrator.workers.messages import ShareCall
+from orchestrator.workers.messages import EvalResult, ShareCall, ids_of
 from orchestrator.workers.ray_session import RaySession, StoreMissing, local_store
 from orchestrator.workers.worker import TaskWorker
 
@@ -64,9 +64,17 @@ class RemoteWorker(TaskWorker):
     def store_path(self) -> str | None:
         return getattr(self.cfg.task, "store", None)
 
+    # Calls from the learner carry episode ids and return results as plain tuples (``messages``: cheaper for
+    # Ray to serialize than dataclasses).
+    def meta_gradient(self, theta, ids) -> tuple:
+        return super().meta_gradient(theta, ids_of(ids)).message()
+
     def meta_gradient_parts(self, theta, ids):
-        header, grad = super().meta_gradient_parts(theta, ids)
-        return header.on_node(self.node_id()), grad
+        header, grad = super().meta_gradient_parts(theta, ids_of(ids))
+        return header.on_node(self.node_id()).message(), grad
+
+    def evaluate(self, theta, ids, steps, lr, probe=None, split="eval") -> EvalResult:
+        return super().evaluate(theta, ids_of(ids), steps, lr, probe, split)
 
 
 class Submitted(NamedTuple):

@@ -14,6 +14,7 @@ import time
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from orchestrator.config import Config
 from orchestrator.workers.faults import FaultLog
@@ -42,6 +43,9 @@ class Group(Protocol):
 
     def resources(self) -> dict[str, Any]: ...
 
+    def learner_threads(self) -> int:
+        """Torch threads for the learner's process, given where the workers compute."""
+
     def close(self) -> None: ...
 
 
@@ -68,6 +72,9 @@ class LocalGroup:
 
     def resources(self) -> dict[str, Any]:
         return {"resources.workers": 1}
+
+    def learner_threads(self) -> int:
+        return torch.get_num_threads()  # the worker computes in this process: every thread it has
 
     def close(self) -> None:
         pass

@@ -20,7 +20,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from orchestrator.errors import RunFailed
 from orchestrator.workers.actor_pool import ActorPool, Slot
-from orchestrator.workers.messages import ShareCall
+from orchestrator.workers.messages import ShareCall, received
 
 log = logging.getLogger("metaray")
 
@@ -68,13 +68,15 @@ class ShareScheduler:
             leftovers = self.pool.leftovers()
             if queue or self.deadline is not None:
                 # Something to hand out as soon as a worker is free: wake on the first result (or a leftover).
-                refs, wanted = list(running) + [r for r in leftovers if r not in running], 1
+                refs = list(running) + [r for r in leftovers if r not in running]
+                ready, _ = ray.wait(refs, num_returns=1, timeout=self._timeout(running, results, copies, idle))
+                if not ready:
+                    self._duplicate_stragglers(running, results, copies, idle, queue)
+                    continue
             else:
-                refs, wanted = list(running), len(running)  # nothing else to do: one wait for every result
-            ready, _ = ray.wait(refs, num_returns=wanted, timeout=self._timeout(running, results, copies, idle))
-            if not ready:
-                self._duplicate_stragglers(running, results, copies, idle, queue)
-                continue
+                # Nothing else to do: fetching every result waits for them all, one round trip like Ray's floor
+                # (benchmarks/ray_floor.py), not a wait and then a fetch.
+                ready = list(running)
             values = _get_all([r for r in ready if r in running])
             for ref in ready:
                 if ref not in running:  # an overtaken straggler from an earlier call finished: its worker is free
@@ -84,7 +86,7 @@ class ShareScheduler:
                 share, slot, _, payload = running.pop(ref)
                 copies[share] -= 1
                 try:
-                    value = values[ref] if ref in values else ray.get(ref)
+                    value = received(values[ref] if ref in values else ray.get(ref))
                 except RayTaskError as e:
                     raise e.cause from None  # the worker's own error, not Ray's wrapper
                 except RayActorError as e:

@@ -23,18 +23,24 @@ import torch
 from learners.inner_loop import adaptation_curves
 from learners.params import ParamSpec
 from learners.registry import import_plugins
-from orchestrator.build import build_algorithm, build_tasks
+from orchestrator.build import build_algorithm, build_tasks, cuda_options
 from orchestrator.config import Config, parse_config
 from orchestrator.workers.faults import FaultDrill
 from orchestrator.workers.messages import EvalResult, TaskResult, theta_array
 from tasks.episode import EpisodeBatch, EpisodeIds, TaskSource
 
 
+PREFETCH_MIN_S = 1e-3
+"""A share drawn faster than this is not prefetched: handing it to a thread costs more than drawing it (sine:
+~0.05 ms to draw, while the hand-off and the thread's hold on the GIL delayed each result by more)."""
+
+
 class TaskWorker:
     """``prefetch``: after each share, draw the same share of the next step in a background thread (and move it
     to the device), while the learner steps. Episode ids are known in advance, so a prefetched batch is exactly
     the one the next call asks for, or it is not used. For actors, which sit idle between calls; an in-process
-    worker shares its process with the learner and does not prefetch."""
+    worker shares its process with the learner and does not prefetch. Only where drawing a share takes
+    ``PREFETCH_MIN_S`` or more (the last share drawn in the call itself says)."""
 
     def __init__(self, config: dict[str, Any], index: int, restarted: bool = False, store_path: str | None = None,
                  plugins: list[tuple[str, str]] = (), drill: FaultDrill | None = None, prefetch: bool = False):
@@ -45,6 +51,7 @@ class TaskWorker:
         self.index = index
         self.incarnation = uuid.uuid4().hex
         self.device = _device(self.cfg)
+        self._channels_last = _speed_options(self.cfg, self.device)
         self.algorithm = build_algorithm(self.cfg, device=self.device)
         # Training episodes may have another n_way (task.train.n_way); a head written from the support set follows.
         self.train_algorithm = build_algorithm(self.cfg, "train", self.device)
@@ -52,6 +59,7 @@ class TaskWorker:
         self._sources: dict[tuple[str, str | None], TaskSource] = {}
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
         self._next: tuple[EpisodeIds, Future] | None = None
+        self._sample_s = 0.0  # how long drawing the last share drawn in a call took
         # A restarted actor re-runs this constructor; a drill fires only in the first incarnation.
         self._drill = None if restarted or drill is None or drill.worker != index else drill
 
@@ -74,15 +82,15 @@ class TaskWorker:
             summed = algorithm.meta_gradient(params, batch)
         grad = self.spec.flatten(summed.grads).detach().to("cpu", torch.float32).numpy()
         result = TaskResult(grad, summed.stats, summed.tasks, summed.dropped, time.perf_counter() - start,
-                            self.index, self.incarnation)
-        if self._prefetcher is not None:
+                            self.index, self.incarnation, peak_mb=self._peak_mb())
+        if self._prefetcher is not None and self._sample_s >= PREFETCH_MIN_S:
             following = replace(ids, step=ids.step + 1)
             self._next = (following, self._prefetcher.submit(self._sample, "train", following))
         return result
 
     def meta_gradient_parts(self, theta: np.ndarray, ids: EpisodeIds) -> tuple[TaskResult, np.ndarray]:
         """``meta_gradient`` as (header without gradient, gradient), so the gradient can stay on this node."""
-        result = self.meta_gradient(theta, ids)
+        result = TaskWorker.meta_gradient(self, theta, ids)  # the result itself, whatever a subclass returns
         return replace(result, grad=np.empty(0, dtype=np.float32)), result.grad
 
     def evaluate(self, theta: np.ndarray, ids: EpisodeIds, steps: int, lr: float, probe: str | None = None,
@@ -98,11 +106,19 @@ class TaskWorker:
         ahead, self._next = self._next, None
         if ahead is not None and ahead[0] == ids:
             return ahead[1].result()
-        return self._sample("train", ids)
+        start = time.perf_counter()
+        batch = self._sample("train", ids)
+        self._sample_s = time.perf_counter() - start
+        return batch
 
     def _sample(self, split: str, ids: EpisodeIds, probe: str | None = None) -> EpisodeBatch:
         """The episodes ``ids`` of ``split`` on this worker's device: one copy to it per share."""
-        return self._source(split, probe).sample(ids).to(self.device)
+        batch = self._source(split, probe).sample(ids).to(self.device)
+        return batch.channels_last() if self._channels_last else batch
+
+    def _peak_mb(self) -> float:
+        """The most GPU memory torch's allocator has held in this process (what a fractional GPU caps), in MB."""
+        return torch.cuda.max_memory_reserved(self.device) / 2**20 if self.device.type == "cuda" else 0.0
 
     def _precision(self) -> contextlib.AbstractContextManager:
         """bfloat16 autocast around the backbone's work (model.precision); parameters, gradients and the sums
@@ -131,6 +147,17 @@ def _device(cfg: Config) -> torch.device:
         # Fractional GPUs in Ray are only a scheduling promise: enforce the share of memory ourselves.
         torch.cuda.set_per_process_memory_fraction(memory_fraction)
     return torch.device(kind)
+
+
+def _speed_options(cfg: Config, device: torch.device) -> bool:
+    """Set the CUDA speed options (``build.cuda_options``) for this process; whether images go channels-last.
+    TF32 and cuDNN's benchmark mode are process-wide switches of torch: a worker process owns them."""
+    if device.type != "cuda":
+        return False
+    options = cuda_options(cfg)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = options["tf32"]
+    torch.backends.cudnn.benchmark = options["cudnn_benchmark"]
+    return options["channels_last"] and cfg.model.backbone != "mlp"
 
 
 def placement(device: str, num_gpus: float, cuda_available: bool) -> tuple[str, float | None]:
