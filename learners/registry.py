@@ -26,7 +26,7 @@ import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, PositiveFloat
 from torch import nn
@@ -57,6 +57,12 @@ class AlgorithmConfig(BaseModel):
         """Errors that need the whole run config, each as 'section.key: message' (none by default)."""
         return []
 
+    def minibatch(self) -> int | None:
+        """Images per training task for an algorithm that trains on minibatches of images with their split-global
+        labels (``tasks.minibatch``: each task of a meta-step is one batch); None (the default): it trains on
+        episodes. The learner then asks for batches (``Purpose.BATCH``) instead of episodes."""
+        return None
+
 
 @dataclass(frozen=True)
 class Parts:
@@ -67,6 +73,10 @@ class Parts:
     in_features: int  # flat input width of the task model
     n_way: int | None  # classes per episode (image tasks), else None
     strategy: Strategy  # "vmap" or "loop" ("auto" already resolved)
+    train_classes: int | None = None  # classes of the training split, times 4 with rotations (image tasks)
+    training_images: Callable[[], Any] | None = None
+    """Image tasks: builds the training split's minibatch source (``tasks.minibatch.ImageBatches``, no
+    augmentation), for statistics of the training images at test time (pre-training's mean feature)."""
 
 
 DEFAULT_ALGORITHM = "maml"  # an algorithm section without ``name``

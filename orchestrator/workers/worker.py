@@ -23,11 +23,11 @@ import torch
 from learners.inner_loop import adaptation_curves
 from learners.params import ParamSpec
 from learners.registry import import_plugins
-from orchestrator.build import build_algorithm, build_tasks
+from orchestrator.build import build_algorithm, build_source
 from orchestrator.config import Config, parse_config
 from orchestrator.workers.faults import FaultDrill
 from orchestrator.workers.messages import EvalResult, TaskResult, theta_array
-from tasks.episode import EpisodeBatch, EpisodeIds, TaskSource
+from tasks.episode import EpisodeBatch, EpisodeIds, Purpose, TaskSource
 
 
 class TaskWorker:
@@ -49,7 +49,7 @@ class TaskWorker:
         # Training episodes may have another n_way (task.train.n_way); a head written from the support set follows.
         self.train_algorithm = build_algorithm(self.cfg, "train", self.device)
         self.spec = ParamSpec.of(self.algorithm.init_params(0))
-        self._sources: dict[tuple[str, str | None], TaskSource] = {}
+        self._sources: dict[tuple[str, str | None, bool], TaskSource] = {}
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
         self._next: tuple[EpisodeIds, Future] | None = None
         # A restarted actor re-runs this constructor; a drill fires only in the first incarnation.
@@ -101,8 +101,9 @@ class TaskWorker:
         return self._sample("train", ids)
 
     def _sample(self, split: str, ids: EpisodeIds, probe: str | None = None) -> EpisodeBatch:
-        """The episodes ``ids`` of ``split`` on this worker's device: one copy to it per share."""
-        return self._source(split, probe).sample(ids).to(self.device)
+        """The episodes ``ids`` of ``split`` (training minibatches for ``Purpose.BATCH`` ids) on this worker's
+        device: one copy to it per share."""
+        return self._source(split, ids.purpose, probe).sample(ids).to(self.device)
 
     def _precision(self) -> contextlib.AbstractContextManager:
         """bfloat16 autocast around the backbone's work (model.precision); parameters, gradients and the sums
@@ -115,11 +116,11 @@ class TaskWorker:
         # Arrays from Ray's object store (and bytes) are read-only; torch needs its own writable copy.
         return self.spec.unflatten(torch.tensor(theta_array(theta), dtype=torch.float32, device=self.device))
 
-    def _source(self, split: str, probe: str | None = None) -> TaskSource:
-        key = (split, probe)
+    def _source(self, split: str, purpose: Purpose, probe: str | None = None) -> TaskSource:
+        key = (split, probe, purpose == Purpose.BATCH)
         if key not in self._sources:
             task = self.cfg.task if probe is None else self.cfg.probe_task(probe)
-            self._sources[key] = build_tasks(task, split)
+            self._sources[key] = build_source(self.cfg, split, purpose, task)
         return self._sources[key]
 
 
