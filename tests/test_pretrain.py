@@ -176,3 +176,11 @@ def test_transfer_is_refused_on_images_and_points_at_pretrain(store, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "algorithm.name: transfer" in err and "algorithm.name: pretrain" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_ridge_head_on_the_frozen_embedding_is_the_ridge_fit(store, tmp_path):
+    zs, ys, zq, logits, algorithm = _episode_and_embeddings(store, tmp_path, "ridge")
+    onehot = np.eye(4)[ys]
+    alpha = np.linalg.solve(zs @ zs.T + algorithm.ridge_lambda * np.eye(len(zs)), onehot)  # (K + λI)⁻¹ Y
+    expected = algorithm.logit_scale * zq @ (zs.T @ alpha)
+    assert np.abs(logits.numpy() - expected).max() < 1e-4

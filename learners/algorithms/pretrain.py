@@ -219,8 +219,8 @@ class PretrainConfig(AlgorithmConfig):
         return self.images_per_task
 
     def build(self, parts: Parts) -> Pretrain:
-        # The logistic solver branches on its data (L-BFGS): episodes are solved one at a time.
-        strategy = "loop" if self.solver == "logistic" else parts.strategy
+        # L-BFGS (logistic) and the active-set QP (svm) branch on their data: episodes are solved one at a time.
+        strategy = "loop" if self.solver in ("logistic", "svm") else parts.strategy
         return Pretrain(parts.model, parts.objective, parts.n_way, parts.train_classes, solver=self.solver,
                         center=self.center, normalize=self.normalize, logit_scale=self.logit_scale,
                         logistic_c=self.logistic_c, ridge_lambda=self.ridge_lambda, svm_c=self.svm_c,
