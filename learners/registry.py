@@ -49,6 +49,8 @@ class AlgorithmConfig(BaseModel):
 
     families: ClassVar[tuple[str, ...]] = ("sine", "images")
     """Task families the algorithm works on."""
+    test_keys: ClassVar[tuple[str, ...]] = ()
+    """Keys that change only how test tasks are solved, never θ: ``metaray eval`` takes them as overrides."""
 
     def build(self, parts: Parts) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define build(parts)")

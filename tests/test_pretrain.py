@@ -184,3 +184,15 @@ def test_ridge_head_on_the_frozen_embedding_is_the_ridge_fit(store, tmp_path):
     alpha = np.linalg.solve(zs @ zs.T + algorithm.ridge_lambda * np.eye(len(zs)), onehot)  # (K + λI)⁻¹ Y
     expected = algorithm.logit_scale * zq @ (zs.T @ alpha)
     assert np.abs(logits.numpy() - expected).max() < 1e-4
+
+
+def test_metaray_eval_takes_another_solver_but_no_training_key(store, tmp_path, capsys):
+    from orchestrator.cli.main import main
+
+    cfg = config(store, tmp_path, outer={"steps": 1}, eval={"tasks": 4})
+    train(cfg, evaluate=False)
+    assert main(["eval", str(cfg.run_dir), "--set", "algorithm.solver=logistic", "--set", "eval.tasks=4"]) == 0
+    assert "pretrain" in capsys.readouterr().out
+    assert main(["eval", str(cfg.run_dir), "--set", "algorithm.images_per_task=8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--set algorithm.images_per_task=8" in err and "algorithm.solver" in err, err

@@ -214,6 +214,8 @@ class PretrainConfig(AlgorithmConfig):
     center_batches: PositiveInt = Field(64, le=10_000)
     """Training batches (of images_per_task images) whose mean embedding centres the features."""
     families = ("images",)
+    test_keys = ("solver", "center", "normalize", "logit_scale", "logistic_c", "ridge_lambda", "svm_c", "fine_tune",
+                 "center_batches")
 
     def minibatch(self) -> int:
         return self.images_per_task
