@@ -116,7 +116,7 @@ class TaskWorker:
         # Arrays from Ray's object store (and bytes) are read-only; torch needs its own writable copy.
         return self.spec.unflatten(torch.tensor(theta_array(theta), dtype=torch.float32, device=self.device))
 
-    def _source(self, split: str, purpose: Purpose, probe: str | None = None) -> TaskSource:
+    def _source(self, split: str, purpose: Purpose = Purpose.TRAIN, probe: str | None = None) -> TaskSource:
         key = (split, probe, purpose == Purpose.BATCH)
         if key not in self._sources:
             task = self.cfg.task if probe is None else self.cfg.probe_task(probe)
