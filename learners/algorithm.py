@@ -54,3 +54,13 @@ class StepDependent(Protocol):
     def for_step(self, step: int) -> Algorithm:
         """The algorithm as configured for meta-step ``step``: a configured copy (or itself), never a mutation."""
         ...
+
+
+class Prepared(Protocol):
+    """Optional: an algorithm whose test-time task models need a statistic of θ shared by every task (the
+    pre-trained embedding's mean training feature). ``learners.inner_loop.adaptation_curves`` calls ``prepare``
+    once per batch of episodes, before ``start``."""
+
+    def prepare(self, params: Params) -> Params:
+        """``params`` plus the shared entries ``start`` reads (new entries; θ's own are unchanged)."""
+        ...

@@ -131,6 +131,9 @@ def adaptation_curves(algorithm, params: Params, batch, steps: int, lr: float) -
     (plain SGD) for every algorithm whose inner loop is plain SGD.
     """
     update = fine_tuning_rule(algorithm, lr)
+    prepare = getattr(algorithm, "prepare", None)  # optional: work on θ shared by every task (Prepared)
+    if prepare is not None:
+        params = prepare(params)
 
     def curve(p, sx, sy, qx, qy):
         start = {k: v.detach() for k, v in algorithm.start(p, sx, sy).items()}

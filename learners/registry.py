@@ -26,7 +26,7 @@ import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt
 from torch import nn
@@ -54,6 +54,8 @@ class AlgorithmConfig(BaseModel):
 
     families: ClassVar[tuple[str, ...]] = ("sine", "images")
     """Task families the algorithm works on."""
+    test_keys: ClassVar[tuple[str, ...]] = ()
+    """Keys that change only how test tasks are solved, never θ: ``metaray eval`` takes them as overrides."""
 
     def build(self, parts: Parts) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define build(parts)")
@@ -67,6 +69,12 @@ class AlgorithmConfig(BaseModel):
         θ for every task (a head-only learner). False by default."""
         return False
 
+    def minibatch(self) -> int | None:
+        """Images per training task for an algorithm that trains on minibatches of images with their split-global
+        labels (``tasks.minibatch``: each task of a meta-step is one batch); None (the default): it trains on
+        episodes. The learner then asks for batches (``Purpose.BATCH``) instead of episodes."""
+        return None
+
 
 @dataclass(frozen=True)
 class Parts:
@@ -78,6 +86,10 @@ class Parts:
     n_way: int | None  # classes per episode (image tasks), else None
     strategy: Strategy  # "vmap", "loop" or "onepass" ("auto" already resolved)
     tasks_per_pass: int | None = None  # onepass: tasks per backbone pass (None: the whole share)
+    train_classes: int | None = None  # classes of the training split, times 4 with rotations (image tasks)
+    training_images: Callable[[], Any] | None = None
+    """Image tasks: builds the training split's minibatch source (``tasks.minibatch.ImageBatches``, no
+    augmentation), for statistics of the training images at test time (pre-training's mean feature)."""
 
 
 DEFAULT_ALGORITHM = "maml"  # an algorithm section without ``name``

@@ -19,7 +19,7 @@ from learners.predictor import Blueprint
 from learners.registry import Parts
 from orchestrator.config import Config, ConfigError
 from orchestrator.config.task import ImageTaskConfig, SineTaskConfig, TaskConfig
-from tasks.episode import TaskSource
+from tasks.episode import Purpose, TaskSource
 from tasks.sine import SineTasks
 
 # Per-task strategy when algorithm.strategy is "auto", by (device, backbone). CPU: measured on this project's
@@ -76,10 +76,8 @@ def episode_shape(task: ImageTaskConfig, split: Split) -> tuple[dict[str, Any], 
     return values, keys
 
 
-def _image_tasks(task: ImageTaskConfig, split: Split) -> TaskSource:
-    # Imported here so sine runs never load pyarrow.
-    from tasks.augment import Affine, Augment, Jitter
-    from tasks.fewshot import FewShotTasks
+def _split_classes(task: ImageTaskConfig):
+    """(the store, its class splits), each data problem a ``DataError`` naming the config key."""
     from tasks.splits import split_classes
     from tasks.store import DataError, ImageStore
 
@@ -89,24 +87,66 @@ def _image_tasks(task: ImageTaskConfig, split: Split) -> TaskSource:
         raise DataError(f"task.store: {e}") from None
     s = task.split
     try:
-        classes = split_classes(store, by=s.by, train=s.train, val=s.val, test=s.test, seed=s.seed)
+        return store, split_classes(store, by=s.by, train=s.train, val=s.val, test=s.test, seed=s.seed)
     except DataError as e:
         # split_classes names the split first ('train: unknown group names ...'): that is task.split.train.
         text = str(e)
         named = text.split(":")[0].split("=")[0] in ("train", "val", "test")
         raise DataError(f"task.split.{text}" if named else f"task.split: {text}") from None
+
+
+def _augment(task: ImageTaskConfig, split: Split):
+    from tasks.augment import Affine, Augment, Jitter
+
+    a = task.augment
+    if a is None or not (split == "train" or a.at_eval):
+        return None
+    return Augment(crop_padding=a.crop_padding, flip=a.flip,
+                   jitter=Jitter(**a.jitter.model_dump()) if a.jitter else None,
+                   affine=Affine(**a.affine.model_dump()) if a.affine else None)
+
+
+def _image_tasks(task: ImageTaskConfig, split: Split) -> TaskSource:
+    # Imported here so sine runs never load pyarrow.
+    from tasks.fewshot import FewShotTasks
+
+    store, classes = _split_classes(task)
     name = task.eval_split if split == "eval" else split
     shape, keys = episode_shape(task, split)
     a = task.augment
-    augment = None
-    if a is not None and (split == "train" or a.at_eval):
-        augment = Augment(crop_padding=a.crop_padding, flip=a.flip,
-                          jitter=Jitter(**a.jitter.model_dump()) if a.jitter else None,
-                          affine=Affine(**a.affine.model_dump()) if a.affine else None)
     return FewShotTasks(store, shape["n_way"], shape["k_shot"], shape["query"], getattr(classes, name),
-                        rotations=task.rotations, within_group=shape["within_group"], augment=augment,
+                        rotations=task.rotations, within_group=shape["within_group"], augment=_augment(task, split),
                         augment_support=a is not None and a.support, augment_query=a is not None and a.query,
                         keys=keys, where=f"the {name} split")
+
+
+def train_purpose(cfg: Config) -> Purpose:
+    """What a meta-step's ids address: minibatches of training images for an algorithm that asks for them
+    (``algorithm.minibatch()``), else training episodes."""
+    return Purpose.BATCH if cfg.algorithm.minibatch() is not None else Purpose.TRAIN
+
+
+def build_batches(cfg: Config, augment: bool = True) -> TaskSource:
+    """Seed-addressed minibatches of the training split's images with their split-global labels
+    (``tasks.minibatch``): ``algorithm.minibatch()`` images per task, ``outer.meta_batch_size`` tasks per step."""
+    from tasks.minibatch import ImageBatches
+
+    task = cfg.task
+    if not isinstance(task, ImageTaskConfig):
+        raise ConfigError(f"algorithm.name: {cfg.algorithm.name} trains on minibatches of images; use task.family: "
+                          "images")
+    store, classes = _split_classes(task)
+    return ImageBatches(store, classes.train, cfg.algorithm.minibatch() or 1, cfg.outer.meta_batch_size,
+                        rotations=task.rotations, augment=_augment(task, "train") if augment else None,
+                        key="algorithm.images_per_task")
+
+
+def build_source(cfg: Config, split: Split, purpose: Purpose, task: TaskConfig | None = None) -> TaskSource:
+    """Where ids of ``purpose`` are drawn: training minibatches (``Purpose.BATCH``), or episodes of ``split``
+    (of ``task``, default ``cfg.task``: a probe's variant)."""
+    if purpose == Purpose.BATCH:
+        return build_batches(cfg)
+    return build_tasks(task or cfg.task, split)
 
 
 def check_tasks(cfg: Config, splits: tuple[Split, ...] = ("train", "eval")) -> None:
@@ -120,13 +160,15 @@ def check_tasks(cfg: Config, splits: tuple[Split, ...] = ("train", "eval")) -> N
     problems: list[str] = []
     for split in splits:
         try:
-            build_tasks(cfg.task, split)
+            build_source(cfg, split, train_purpose(cfg) if split == "train" else Purpose.EVAL)
         except DataError as e:
             if str(e) not in problems:
                 problems.append(str(e))
             if str(e).startswith(("task.store:", "task.split")):
                 break  # the same for every split
-    if not problems and isinstance(cfg.task, ImageTaskConfig) and cfg.task.train.n_way not in (None, cfg.task.n_way):
+    episodes = train_purpose(cfg) == Purpose.TRAIN
+    if not problems and episodes and isinstance(cfg.task, ImageTaskConfig) \
+            and cfg.task.train.n_way not in (None, cfg.task.n_way):
         train = {k: tuple(v.shape) for k, v in build_algorithm(cfg, "train").init_params(0).items()}
         test = {k: tuple(v.shape) for k, v in build_algorithm(cfg, "eval").init_params(0).items()}
         differ = [k for k in test if train.get(k) != test[k]]  # in θ's own order
@@ -163,7 +205,16 @@ def build_algorithm(cfg: Config, split: Split = "eval", device: torch.device | s
     n_way = episode_shape(cfg.task, split)[0]["n_way"] if isinstance(cfg.task, ImageTaskConfig) else None
     model, objective, in_features = build_model(cfg, n_way)
     a = cfg.algorithm
-    return a.build(Parts(model, objective, in_features, n_way, resolve_strategy(cfg, device), a.tasks_per_pass))
+    train_classes, training_images = None, None
+    if isinstance(cfg.task, ImageTaskConfig):
+        _, classes = _split_classes(cfg.task)
+        train_classes = len(classes.train) * (4 if cfg.task.rotations else 1)
+
+        def training_images() -> TaskSource:
+            return build_batches(cfg, augment=False)
+
+    return a.build(Parts(model, objective, in_features, n_way, resolve_strategy(cfg, device), a.tasks_per_pass,
+                         train_classes, training_images))
 
 
 def cuda_options(cfg: Config) -> dict[str, bool]:

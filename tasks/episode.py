@@ -45,6 +45,7 @@ class Purpose(IntEnum):
     TRAIN = 0
     EVAL = 1
     VAL = 2  # validation during training: fixed episodes of their own stream
+    BATCH = 3  # training minibatches of images with their split-global labels (tasks.minibatch, pre-training)
 
 
 SAMPLE, AUGMENT = 0, 1

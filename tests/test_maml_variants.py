@@ -241,6 +241,38 @@ def test_imaml_matches_the_closed_form_implicit_gradient_and_more_cg_steps_get_c
     assert errors[0] > 1e-3  # one CG step is visibly not the answer: the test can tell them apart
 
 
+def test_imaml_pullback_and_damping_match_the_authors_update_in_closed_form():
+    """``inner: pullback`` with ``cg_damping``, ``lam_damping`` (imaml_dev's Omniglot code): k plain GD steps from
+    θ, one step of lr on λ/2 |p − θ|², then ((1 + cd) I + H / (λ + ld))⁻¹ ∇L_query(p). For linear regression every
+    step is a matrix product and H = 2AᵀA/n, so the whole meta-gradient is a closed form."""
+    d, lam, lr, steps, cd, ld = 4, 2.0, 0.05, 7, 1.0, 10.0
+    model = mlp(hidden=(), inputs=d)
+    g = torch.Generator().manual_seed(1)
+    tasks = [linear_task(g, 12, d) + linear_task(g, 8, d) for _ in range(3)]
+    batch = EpisodeBatch(*[torch.stack([t[j] for t in tasks]) for j in range(4)])
+    params = {k: v.double() for k, v in IMAML(model, MSE()).init_params(0).items()}
+    theta = torch.cat([params["0.weight"].reshape(-1), params["0.bias"]])
+    expected = torch.zeros_like(theta)
+    eye = torch.eye(len(theta), dtype=torch.float64)
+    for i in range(len(batch)):
+        a = torch.cat([batch.support_x[i], torch.ones(12, 1, dtype=torch.float64)], 1)
+        aq = torch.cat([batch.query_x[i], torch.ones(8, 1, dtype=torch.float64)], 1)
+        h = 2 * a.T @ a / 12
+        p = theta.clone()
+        for _ in range(steps):
+            p = p - lr * 2 * a.T @ (a @ p - batch.support_y[i][:, 0]) / 12
+        p = p - lr * lam * (p - theta)
+        grad_q = 2 * aq.T @ (aq @ p - batch.query_y[i][:, 0]) / 8
+        expected += torch.linalg.solve((1 + cd) * eye + h / (lam + ld), grad_q)
+    alg = IMAML(model, MSE(), inner_steps=steps, inner_lr=lr, lam=lam, cg_steps=5, inner="pullback",
+                cg_damping=cd, lam_damping=ld)
+    grads = alg.meta_gradient(params, batch).grads
+    got = torch.cat([grads["0.weight"].reshape(-1), grads["0.bias"]])
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    # Evaluation adapts with plain SGD (the authors' test script: λ = 0), not with the proximal pull.
+    assert alg.update.proximal == 0.0 and IMAML(model, MSE(), lam=lam).update.proximal == lam
+
+
 @pytest.mark.parametrize("case", ["mlp", "conv4-mamlpp"])
 def test_checkpointed_second_order_equals_plain(case):
     if case == "mlp":

@@ -2,7 +2,9 @@
 
 Transfer pre-trains one model on the pooled data of all tasks (each task's
 support and query points at θ, no adaptation), then fine-tunes it with SGD on
-a new task's support set at test time. Scratch never pre-trains: the same
+a new task's support set at test time. It is for sine regression: image episodes
+shuffle their labels, so pooling them teaches nothing, and the config refuses it
+there (the image baseline is ``pretrain``, ``learners.algorithms.pretrain``). Scratch never pre-trains: the same
 fine-tuning starts from the initialization, i.e. training on the support set
 only. Evaluation and fine-tuning are MAML's (all parameters, SGD).
 """
@@ -53,6 +55,11 @@ class BaselineConfig(AlgorithmConfig):
                                                                   strategy=parts.strategy)
 
     def check(self, cfg) -> list[str]:
+        if self.name == "transfer" and cfg.task.family == "images":
+            # Each image episode shuffles its labels: pooled episodes teach labels that mean nothing across them.
+            return ["algorithm.name: transfer pre-trains on each episode's own labels, which are shuffled per image "
+                    "episode; for images use algorithm.name: pretrain (a classifier over the training classes' "
+                    "global labels, then a solver on the frozen embedding)"]
         if self.name == "scratch" and cfg.outer.steps:
             return ["outer.steps: scratch trains nothing before fine-tuning; set outer.steps: 0"]
         return []

@@ -179,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
 def _eval(args: argparse.Namespace) -> None:
     cfg = None
     if args.overrides:
-        bad = [o for o in args.overrides if not o.startswith(("eval.", "workers.", "tracking."))]
+        saved = checkpoint.load(args.checkpoint).config
+        # The algorithm's test-time keys (e.g. pretrain's solver) leave θ as it is: they may change too.
+        test_keys = tuple(f"algorithm.{k}=" for k in type(saved.algorithm).test_keys)
+        bad = [o for o in args.overrides if not o.startswith(("eval.", "workers.", "tracking.", *test_keys))]
         if bad:
-            raise ConfigError(f"--set {bad[0]}: eval only takes eval.*, workers.* and tracking.* overrides")
-        stored = checkpoint.load(args.checkpoint).config.model_dump(mode="json")
+            also = f", and {', '.join(k.rstrip('=') for k in test_keys)}" if test_keys else ""
+            raise ConfigError(f"--set {bad[0]}: eval only takes eval.*, workers.* and tracking.* overrides{also}")
+        stored = saved.model_dump(mode="json")
         cfg = parse_config(apply_overrides(stored, args.overrides), "checkpoint config + --set")
     evaluate_checkpoint(args.checkpoint, cfg)
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from learners.params import Params, ParamSpec
+from orchestrator.build import train_purpose
 from orchestrator.config import Config, OuterConfig
 from orchestrator.workers.group import Group
 from tasks.episode import EpisodeIds
@@ -49,6 +50,7 @@ class CentralLearner:
         self._backup: list[torch.Tensor] = []  # θ and the optimizer's state before the step being applied
         self._shares = [s.indices for s in EpisodeIds(0, 0, tuple(range(cfg.outer.meta_batch_size)))
                         .split(cfg.workers.share_count)]
+        self._purpose = train_purpose(cfg)  # training episodes, or minibatches for an algorithm that asks for them
         self.step = 0
         self.skipped_steps = 0
 
@@ -105,7 +107,7 @@ class CentralLearner:
         self.group.maintain()  # step boundary: restarted, lost and newly joined workers
         start = time.perf_counter()
         seed = self.cfg.run.seed
-        shares = [EpisodeIds(seed, self.step, indices) for indices in self._shares]
+        shares = [EpisodeIds(seed, self.step, indices, self._purpose) for indices in self._shares]
         agg = self.group.meta_gradient(self.theta(), shares)
         opt_start = time.perf_counter()
         lr = self.cfg.outer.lr_at(self.step)

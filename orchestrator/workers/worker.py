@@ -23,11 +23,11 @@ import torch
 from learners.inner_loop import adaptation_curves
 from learners.params import ParamSpec
 from learners.registry import import_plugins
-from orchestrator.build import build_algorithm, build_tasks, cuda_options
+from orchestrator.build import build_algorithm, build_source, cuda_options
 from orchestrator.config import Config, parse_config
 from orchestrator.workers.faults import FaultDrill
 from orchestrator.workers.messages import EvalResult, TaskResult, theta_array
-from tasks.episode import EpisodeBatch, EpisodeIds, TaskSource
+from tasks.episode import EpisodeBatch, EpisodeIds, Purpose, TaskSource
 
 
 PREFETCH_MIN_S = 1e-3
@@ -56,7 +56,7 @@ class TaskWorker:
         # Training episodes may have another n_way (task.train.n_way); a head written from the support set follows.
         self.train_algorithm = build_algorithm(self.cfg, "train", self.device)
         self.spec = ParamSpec.of(self.algorithm.init_params(0))
-        self._sources: dict[tuple[str, str | None], TaskSource] = {}
+        self._sources: dict[tuple[str, str | None, bool], TaskSource] = {}
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
         self._next: tuple[EpisodeIds, Future] | None = None
         self._sample_s = 0.0  # how long drawing the last share drawn in a call took
@@ -112,8 +112,9 @@ class TaskWorker:
         return batch
 
     def _sample(self, split: str, ids: EpisodeIds, probe: str | None = None) -> EpisodeBatch:
-        """The episodes ``ids`` of ``split`` on this worker's device: one copy to it per share."""
-        batch = self._source(split, probe).sample(ids).to(self.device)
+        """The episodes ``ids`` of ``split`` (training minibatches for ``Purpose.BATCH`` ids) on this worker's
+        device: one copy to it per share."""
+        batch = self._source(split, ids.purpose, probe).sample(ids).to(self.device)
         return batch.channels_last() if self._channels_last else batch
 
     def _peak_mb(self) -> float:
@@ -131,11 +132,11 @@ class TaskWorker:
         # Arrays from Ray's object store (and bytes) are read-only; torch needs its own writable copy.
         return self.spec.unflatten(torch.tensor(theta_array(theta), dtype=torch.float32, device=self.device))
 
-    def _source(self, split: str, probe: str | None = None) -> TaskSource:
-        key = (split, probe)
+    def _source(self, split: str, purpose: Purpose = Purpose.TRAIN, probe: str | None = None) -> TaskSource:
+        key = (split, probe, purpose == Purpose.BATCH)
         if key not in self._sources:
             task = self.cfg.task if probe is None else self.cfg.probe_task(probe)
-            self._sources[key] = build_tasks(task, split)
+            self._sources[key] = build_source(self.cfg, split, purpose, task)
         return self._sources[key]
 
 
