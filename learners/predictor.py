@@ -43,6 +43,7 @@ class Blueprint:
     image: dict[str, Any] | None  # images: {"shape": [C, H, W], "invert": bool, "preprocessing": text}; sine: None
     n_way: int | None  # classes per task (images)
     eval_lr: float  # step size of test-time fine-tuning (eval.inner_lr, else algorithm.inner_lr)
+    train_classes: int | None = None  # outputs of a pre-training classifier (pretrain), part of θ's shape
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,7 +63,7 @@ class Blueprint:
             image_shape=tuple(self.image["shape"]) if self.image else None, n_way=self.n_way)
         # One task at a time: no vmap needed, and the loop is what every backbone supports.
         return variant(self.algorithm["name"]).model_validate(self.algorithm).build(
-            Parts(model, objective, in_features, self.n_way, "loop"))
+            Parts(model, objective, in_features, self.n_way, "loop", train_classes=self.train_classes))
 
 
 class Predictor:
@@ -75,10 +76,13 @@ class Predictor:
         algorithm = blueprint.build()
         expected = algorithm.init_params(0)
         wrong = [k for k in expected if k not in params or params[k].shape != expected[k].shape]
-        if wrong or set(params) - set(expected):
+        # An algorithm with prepare() (pretrain) is logged prepared: θ plus statistics of θ that need the
+        # training data (the mean training embedding), which a deployed model does not have.
+        extra = sorted(set(params) - set(expected)) if not hasattr(algorithm, "prepare") else []
+        if wrong or extra:
             raise ValueError(f"θ does not fit {blueprint.algorithm['name']} with backbone {blueprint.backbone} "
-                             f"(e.g. {(wrong or sorted(set(params) - set(expected)))[0]})")
-        return Predictor(algorithm, {k: params[k].to(torch.float32) for k in expected}, blueprint)
+                             f"(e.g. {(wrong or extra)[0]})")
+        return Predictor(algorithm, {k: v.to(torch.float32) for k, v in params.items()}, blueprint)
 
     def predict(self, support_x: np.ndarray, support_y: np.ndarray, query_x: np.ndarray,
                 steps: int | None = None) -> np.ndarray:

@@ -205,16 +205,23 @@ def build_algorithm(cfg: Config, split: Split = "eval", device: torch.device | s
     n_way = episode_shape(cfg.task, split)[0]["n_way"] if isinstance(cfg.task, ImageTaskConfig) else None
     model, objective, in_features = build_model(cfg, n_way)
     a = cfg.algorithm
-    train_classes, training_images = None, None
-    if isinstance(cfg.task, ImageTaskConfig):
-        _, classes = _split_classes(cfg.task)
-        train_classes = len(classes.train) * (4 if cfg.task.rotations else 1)
+    train_classes, training_images = _train_classes(cfg), None
+    if train_classes is not None:
 
         def training_images() -> TaskSource:
             return build_batches(cfg, augment=False)
 
     return a.build(Parts(model, objective, in_features, n_way, resolve_strategy(cfg, device), a.tasks_per_pass,
                          train_classes, training_images))
+
+
+def _train_classes(cfg: Config) -> int | None:
+    """The training split's classes (times 4 with rotations), for an algorithm that trains on their global
+    labels (``algorithm.minibatch()``); else None."""
+    if not isinstance(cfg.task, ImageTaskConfig) or cfg.algorithm.minibatch() is None:
+        return None
+    _, classes = _split_classes(cfg.task)
+    return len(classes.train) * (4 if cfg.task.rotations else 1)
 
 
 def cuda_options(cfg: Config) -> dict[str, bool]:
@@ -245,4 +252,4 @@ def blueprint(cfg: Config) -> Blueprint:
                  "preprocessing": store.preprocessing}
     return Blueprint(algorithm=cfg.algorithm.model_dump(mode="json"), backbone=m.backbone, hidden=list(m.hidden),
                      width=m.width, image=image, n_way=cfg.task.n_way if image else None,
-                     eval_lr=cfg.eval.inner_lr or cfg.algorithm.inner_lr)
+                     eval_lr=cfg.eval.inner_lr or cfg.algorithm.inner_lr, train_classes=_train_classes(cfg))

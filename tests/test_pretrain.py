@@ -196,3 +196,25 @@ def test_metaray_eval_takes_another_solver_but_no_training_key(store, tmp_path, 
     assert main(["eval", str(cfg.run_dir), "--set", "algorithm.images_per_task=8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--set algorithm.images_per_task=8" in err and "algorithm.solver" in err, err
+
+
+def test_the_logged_model_carries_the_mean_training_embedding_and_scores_like_evaluation(store, tmp_path,
+                                                                                         mlflow_store):
+    """A deployed pre-trained model has no training images: it is logged with the mean training embedding its
+    centring needs (a statistic of θ), and MLflow's loaded pyfunc gets the evaluation's accuracy per episode."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    cfg = config(store, tmp_path, tracking={"enabled": True, "uri": mlflow_store, "experiment": "pretrain-model",
+                                            "log_model": True, "system_metrics": False, "plots": False,
+                                            "log_checkpoint": False, "flush_every_s": 0.2})
+    trained = train(cfg)
+    client = MlflowClient(mlflow_store)
+    (logged,) = client.search_logged_models([client.get_experiment_by_name("pretrain-model").experiment_id])
+    model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
+    batch = build_tasks(cfg.task, "eval").sample(EpisodeIds(cfg.eval.seed, 0, tuple(range(10)), Purpose.EVAL))
+    acc = np.mean([np.mean(model.predict({"support_x": batch.support_x[i].numpy(),
+                                          "support_y": batch.support_y[i].numpy(),
+                                          "query_x": batch.query_x[i].numpy()}) == batch.query_y[i].numpy())
+                   for i in range(10)])
+    assert acc == pytest.approx(trained.results["test"]["acc"][0].mean, abs=1e-6)

@@ -258,7 +258,9 @@ class TrainRecipe:
             tracker.log_artifact(cfg.run_dir / checkpoint.FILENAME, "checkpoint")
         if cfg.tracking.log_model and not self.diverged:
             spec = blueprint(cfg)
-            tracker.log_model(spec, params, example_task(_eval_batch(cfg, 1), spec), step=self.learner.step)
+            prepare = getattr(self.algorithm, "prepare", None)  # statistics of θ that need the training data
+            logged = prepare(params) if prepare is not None else params
+            tracker.log_model(spec, logged, example_task(_eval_batch(cfg, 1), spec), step=self.learner.step)
 
     # -- close --------------------------------------------------------------------------------------------
 
