@@ -97,10 +97,11 @@ def main() -> None:
     runs = {}
     for contender in args.contenders.split(","):
         for shape in (["all"] if contender == "pretrain" else shapes):
-            name = f"{contender}-{shape}"
+            # MetaOptNet-SVM's 5-way 1-shot run is also its 20-way one: one training, scored on both shapes
+            name = f"{contender}-{'5w1s' if training_config(contender, shape).stem.endswith('5w1s') else shape}"
             cfg = load_config(training_config(contender, shape),
                               [*common(store, folder, name), f"eval.tasks={args.eval_tasks}", *args.overrides])
-            _, seconds, steps = train_for_seconds(cfg, args.seconds)
+            _, seconds, steps = train_for_seconds(cfg, args.seconds, evaluate=False)
             runs[name] = (cfg, seconds, steps)
             for test in shapes if contender == "pretrain" else [shape]:
                 for solver in args.solvers.split(",") if contender == "pretrain" else [None]:

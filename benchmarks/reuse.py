@@ -23,17 +23,20 @@ def train_or_reuse(cfg: Config) -> tuple[dict, str]:
     return json.loads(done.read_text()), seconds.read_text().strip() if seconds.exists() else "?"
 
 
-def train_for_seconds(cfg: Config, seconds: float) -> tuple[dict, str, int]:
+def train_for_seconds(cfg: Config, seconds: float, evaluate: bool = True) -> tuple[dict | None, str, int]:
     """Train ``cfg`` for ``seconds`` of wall time (it stops at a step boundary, with a checkpoint), evaluate that
-    checkpoint, or re-use such a run: its evaluation, training seconds and meta-steps done."""
+    checkpoint (unless ``evaluate`` is false: the caller scores it its own way), or re-use such a run: its
+    evaluation, training seconds and meta-steps done."""
     done = cfg.run_dir / "eval-timed.json"
     seconds_file = cfg.run_dir / "train_seconds.txt"
-    if not done.exists():
+    if not seconds_file.exists():
         start = time.perf_counter()
         try:
             train(cfg, evaluate=False, should_stop=lambda: time.perf_counter() - start > seconds)
         except Interrupted:
             pass  # the time is up: the checkpoint holds the last finished step
         seconds_file.write_text(f"{time.perf_counter() - start:.1f}\n")
+    if evaluate and not done.exists():
         done.write_text(json.dumps(to_json(evaluate_checkpoint(cfg.run_dir, cfg))))
-    return json.loads(done.read_text()), seconds_file.read_text().strip(), checkpoint.load(cfg.run_dir).step
+    results = json.loads(done.read_text()) if done.exists() else None
+    return results, seconds_file.read_text().strip(), checkpoint.load(cfg.run_dir).step

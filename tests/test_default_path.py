@@ -97,6 +97,7 @@ def test_sigterm_on_ray_stops_at_a_step_boundary_and_resumes_bit_identically(tmp
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(STEPS)), key
 
 
+@pytest.mark.slow  # ~20 s; CI stops the default path (the learner in the driver) above
 def test_sigterm_stops_a_learner_actor_at_a_step_boundary(tmp_path):
     """`workers.learner: actor`: the driver passes the stop on; the actor checkpoints and closes its run."""
     config = write_config(tmp_path, "actor", workers={"learner": "actor"}, outer={"steps": 100000})

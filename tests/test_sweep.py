@@ -317,6 +317,8 @@ def test_asha_sweep_interrupted_then_resumed(tmp_path, ray_local, mlflow_store):
     assert table.splitlines()[0].startswith("| run | config | outer.lr | status |")
 
 
+@pytest.mark.slow  # ~40 s; in CI a sweep is interrupted and resumed (ASHA above), and a killed run resumes
+# exactly once on Ray (test_exactly_once)
 def test_a_sweep_killed_before_any_checkpoint_resumes_with_one_run_per_trial(tmp_path, ray_local, mlflow_store):
     """SIGKILL of `metaray sweep` as soon as a trial trains, before its first checkpoint. Resumed, the trial starts
     again from step 0 in the MLflow run it had begun (before, a second run: the first stayed empty, and the tag
