@@ -9,7 +9,7 @@ flows through the solver's optimality conditions into the embeddings.
 
 Both heads are linear in the query embedding, logits = q · Wᵀ with
 W = αᵀ X_support, so a task's model is again the embedding plus a linear head,
-and evaluation, fine-tuning and export are shared with ProtoNet and MAML.
+and evaluation, fine-tuning and prediction (``learners.predictor``) are shared with ProtoNet and MAML.
 
 Embeddings are computed task by task (``loop``, ``vmap``), or for all the share's tasks in one pass of the
 backbone (``onepass``, ``embed_sets``); either way batch norm uses each task's own statistics, so a task's result

@@ -37,9 +37,9 @@ from torch.func import grad
 from learners.heads.logistic_head import logistic_fit
 from learners.heads.ridge_head import ridge_dual
 from learners.heads.svm_head import svm_dual
-from learners.models.classifier import Classifier, embed, feature_params
+from learners.models.classifier import Classifier, embed
 from learners.objective import Objective, after_stats
-from learners.params import Params, init_params, materialize
+from learners.params import Params, init_params
 from learners.registry import AlgorithmConfig, Parts, register
 from learners.strategy import Strategy, Summed, sum_over_tasks
 from tasks.episode import EpisodeBatch, EpisodeIds, Purpose
@@ -180,9 +180,6 @@ class Pretrain:
         z = self.transform(embed(self.model, task_params, x), task_params.get(CENTER))
         return z @ task_params["head.weight"].T + task_params["head.bias"]
 
-    def export(self, params: Params, batch: EpisodeBatch) -> tuple[nn.Module, torch.Tensor]:
-        # What was pre-trained and what a user deploys: the embedding network, images in, embeddings out.
-        return materialize(self.model.features, feature_params(params)), batch.query_x[0]
 
 
 @register

@@ -8,7 +8,7 @@ embedding followed by a linear head built from the prototypes c_k:
 which has the softmax of negative squared Euclidean distances (the ``|z|²``
 term is the same for every class). Writing it as a linear head lets test-time
 SGD steps fine-tune it like any other head (``tunable``), and lets the same
-export/evaluation code serve ProtoNet, MAML and MetaOptNet.
+evaluation and prediction code (``learners.predictor``) serve ProtoNet, MAML and MetaOptNet.
 
 Strategies: per task (``vmap`` or ``loop`` over ``task_gradient``), or ``onepass``: the support and query images
 of all the share's tasks in one pass of the embedding network (``embed_sets``), the prototypes and query logits of

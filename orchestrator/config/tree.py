@@ -80,8 +80,8 @@ class Config(Strict):
                           f"{self.task.family!r}")
         if a.strategy == "onepass" and not a.one_pass():
             errors.append(f"algorithm.strategy: onepass runs one backbone pass for all tasks, which needs a backbone "
-                          f"that is the same for every task (a head-only learner); {a.name} as configured adapts "
-                          "it per task: use auto, vmap or loop")
+                          f"that is the same for every task (a head-only learner); {a.name} as configured is not "
+                          "one: use auto, vmap or loop")
         if a.tasks_per_pass is not None and not (a.strategy in ("onepass", "auto") and a.one_pass()):
             errors.append("algorithm.tasks_per_pass: only the onepass strategy cuts a share into passes; set "
                           "algorithm.strategy: onepass (or auto), or leave tasks_per_pass out")
@@ -144,7 +144,7 @@ class Config(Strict):
 
 PLUMBING_SECTIONS = ("workers", "tracking")
 PLUMBING_KEYS = ("run.name", "run.dir", "run.checkpoint_every", "run.log_every", "eval.batch_tasks",
-                 "algorithm.strategy")
+                 "algorithm.strategy", "algorithm.tasks_per_pass", "model.channels_last", "model.cudnn_benchmark")
 VALIDATION_KEYS = ("eval.val_tasks", "eval.select", "eval.patience")
 
 

@@ -6,7 +6,7 @@
 ``setup`` checks the data and the checkpoint, opens the tracker, starts the workers and gives the learner,
 the fault counters, the model selection and the tracker their saved states. ``train`` loops over meta-steps
 with periodic checkpoints, validation and early stopping; a checkpoint is the union of those objects' state
-dicts. ``evaluate`` scores the final (or best) θ on the held-out tasks, plots and exports it. ``Services``
+dicts. ``evaluate`` scores the final (or best) θ on the held-out tasks, plots it and logs it as a model. ``Services``
 closes the workers and the tracker once, with the run's end status. ``launch`` decides where this runs.
 """
 
@@ -256,7 +256,7 @@ class TrainRecipe:
             tracker.log_figure(plots.learning_curves(self.history, self.first_step), "learning_curves")
         if cfg.tracking.log_checkpoint:
             tracker.log_artifact(cfg.run_dir / checkpoint.FILENAME, "checkpoint")
-        if cfg.tracking.log_model and not self.diverged:
+        if cfg.tracking.enabled and cfg.tracking.log_model and not self.diverged:
             spec = blueprint(cfg)
             prepare = getattr(self.algorithm, "prepare", None)  # statistics of θ that need the training data
             logged = prepare(params) if prepare is not None else params

@@ -16,8 +16,7 @@ from typing import Any
 from orchestrator.config import Config, ConfigError, load_config
 from orchestrator.config.sections import mask_secrets
 from orchestrator.sweep.search_space import Axis, expand, parse_grid, parse_search
-from orchestrator.tracking.store import absolute_uri, resolve_uri
-from orchestrator.tracking.store import experiment_name
+from orchestrator.tracking.store import absolute_uri, experiment_name, resolve_uri
 
 # What schedulers and "best trial" compare by default: the validation loss when every trial validates
 # (eval.every), else the meta-training loss (on the trials' common training batches).
