@@ -4,9 +4,10 @@ A run that is SIGKILLed (or OOM-killed) cannot shut Ray down. Ray's processes no
 workers within seconds, but its dashboard and runtime-env agents, finding their raylet gone, first report it to
 the (equally dead) GCS with a fixed 60 s timeout, and live on for a minute. So an embedded session is started
 with a marker in its environment, which every Ray process inherits, and a reaper: a small process in its own
-session, holding a pipe from the run. When the pipe closes (the run shut Ray down, or died), the reaper sends
-SIGTERM to every process carrying the marker and every process below one, SIGKILL to any left after ``GRACE_S``,
-and exits.
+session, holding a pipe from the run, which notes the session's processes every ``SCAN_S`` while the run lives
+(Ray's agents retitle themselves, which hides the marker, and are found as the raylet's children). When the pipe
+closes (the run shut Ray down, or died), the reaper sends SIGTERM to every process it noted or that carries the
+marker, and every process below one, SIGKILL to any left after ``GRACE_S``, and exits.
 
     python -m orchestrator.workers.reaper MARKER     (started by ``Reaper.start``; stdin is the run's pipe)
 
@@ -16,6 +17,7 @@ Linux only (``/proc``); elsewhere ``Reaper.start`` returns None and Ray's own cl
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from pathlib import Path
 
 MARK = "METARAY_RAY_SESSION"
 GRACE_S = 2.0
+SCAN_S = 1.0
 
 
 class Reaper:
@@ -78,11 +81,29 @@ def marked(marker: str, spare: tuple[int, ...] = ()) -> list[int]:
     return sorted(found - {os.getpid(), *spare})
 
 
-def reap(marker: str, spare: tuple[int, ...] = (), give_up_s: float = 30.0) -> None:
+def started(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot), or None if it is gone or a zombie: tells a process from a
+    later one that reuses its pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def reap(marker: str, spare: tuple[int, ...] = (), known: dict[int, str | None] | None = None,
+         give_up_s: float = 30.0) -> None:
     """SIGTERM to each, SIGKILL to those left after ``GRACE_S``, until none is left (a process that is
-    dying may still start one) or ``give_up_s`` has passed."""
+    dying may still start one) or ``give_up_s`` has passed. ``known``: processes of the session seen while
+    it ran (pid -> start time), for those that can no longer be found as such."""
+    known = known or {}
+
+    def alive() -> list[int]:
+        found = set(marked(marker, spare))
+        return sorted(found | {pid for pid, start in known.items() if start is not None and started(pid) == start})
+
     start, termed = time.monotonic(), set()
-    pids = marked(marker, spare)
+    pids = alive()
     while pids and time.monotonic() - start < give_up_s:
         late = time.monotonic() - start > GRACE_S
         for pid in pids:
@@ -93,14 +114,23 @@ def reap(marker: str, spare: tuple[int, ...] = (), give_up_s: float = 30.0) -> N
                     pass
                 termed.add(pid)
         time.sleep(0.05)
-        pids = marked(marker, spare)
+        pids = alive()
 
 
 def main() -> None:
     marker, run = sys.argv[1], os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.stdin.buffer.read()  # returns at EOF: the run closed the pipe, or died
-    reap(marker, spare=(run,))  # the run itself, if alive, is never one of them
+    # While the run lives, note its session's processes every SCAN_S: when the run is SIGKILLed its raylet dies
+    # with it (Ray ties it to the run), and the raylet's agents, retitled and orphaned, are found only this way.
+    known: dict[int, str | None] = {}
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], SCAN_S)
+        if ready and not os.read(sys.stdin.fileno(), 65536):
+            break  # EOF: the run closed the pipe, or died
+        for pid in marked(marker, spare=(run,)):
+            if pid not in known:
+                known[pid] = started(pid)
+    reap(marker, spare=(run,), known=known)  # the run itself, if alive, is never one of them
 
 
 if __name__ == "__main__":
