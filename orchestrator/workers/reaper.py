@@ -74,11 +74,14 @@ def marked(marker: str, spare: tuple[int, ...] = ()) -> list[int]:
                 found.add(pid)
         except (OSError, ValueError, IndexError):
             pass
+    # Never through the spared ones: the run's own children (its metric writer) are not the session's.
+    found -= {os.getpid(), *spare}
     frontier = set(found)
     while frontier:
-        frontier = {pid for pid, ppid in parent.items() if ppid in frontier and pid not in found}
+        frontier = {pid for pid, ppid in parent.items()
+                    if ppid in frontier and pid not in found and pid not in (os.getpid(), *spare)}
         found |= frontier
-    return sorted(found - {os.getpid(), *spare})
+    return sorted(found)
 
 
 def started(pid: int) -> str | None:
